@@ -1,0 +1,148 @@
+"""The alignment loop: recipe → model + SVD space → strategy asks → engine evaluates → rewards score
+→ strategy tells → checkpoint. Read it top to bottom; every piece it calls is a small module."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from essa import checkpoint
+from essa.data import Dataset, load_splits, minibatch, render
+from essa.engines import HFEngine
+from essa.errors import EssaError
+from essa.metrics import MetricsLog, peak_memory_mb, plot
+from essa.models import load_model
+from essa.recipe import Recipe
+from essa.scoring import Scorer
+from essa.strategies import make_strategy
+from essa.svd import SVDSpace, build_space
+
+SPACE_FILE, RECIPE_FILE = "space.safetensors", "recipe.json"
+
+
+@dataclass
+class Best:
+    center: np.ndarray
+    reward: float
+    iteration: int
+
+
+def evaluate(engine: HFEngine, center: np.ndarray, prompts: list[str], data: Dataset, scorer: Scorer) -> tuple[float, int]:
+    """Mean reward of one candidate (the center) on a fixed prompt set, and the failed-score count."""
+    gen = engine.generate(center[None].astype(np.float32), prompts)
+    scores, failures = scorer(data.prompts(), gen.completions[0], data.columns())
+    return float(scores.mean()), failures
+
+
+def load_space(run_dir: Path, recipe: Recipe, model) -> SVDSpace:
+    """The frozen factors are saved once per run, so a resume or an export uses exactly the same space."""
+    path = run_dir / SPACE_FILE
+    if path.exists():
+        return SVDSpace.load(path)
+    lora = recipe.lora
+    space = build_space(model, lora.rank, lora.alpha, lora.target_modules, lora.adapter, recipe.svd.trainable_fraction)
+    space.save(path)
+    return space
+
+
+def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Console) -> dict:
+    ckpt_root, metrics = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl")
+    if not resume and ckpt_root.exists() and any(ckpt_root.glob("iter-*")):
+        raise EssaError(f"--out: {run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / SPACE_FILE).unlink(missing_ok=True)
+    (run_dir / RECIPE_FILE).write_text(json.dumps(raw, indent=1))
+    run, started = recipe.run, time.perf_counter()
+
+    with console.status("loading model and building the SVD space..."):
+        model, tokenizer = load_model(recipe.model)
+        space = load_space(run_dir, recipe, model)
+        engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows)
+        train, heldout = load_splits(recipe.data, run.seed)
+        scorer = Scorer.from_name(recipe.reward.name)
+    heldout_prompts = render(tokenizer, heldout.prompts(), recipe.data)
+    strategy = make_strategy(recipe.strategy, space.dim, run.seed)
+    console.print(f"search space: {len(space.modules)} modules, rank {space.rank}, {space.dim} trainable singular values; "
+                  f"population {recipe.strategy.population} × {min(recipe.data.prompts_per_iteration, len(train))} prompts")
+
+    state, best, baseline = strategy.init(), None, None
+    ckpt, skipped = checkpoint.latest(ckpt_root) if resume else (None, [])
+    for path in skipped:
+        console.print(f"[yellow]warning:[/] checkpoint {path} is incomplete or corrupt; using the one before it")
+    if ckpt is not None:
+        state = type(state).from_arrays({k[len("strategy."):]: v for k, v in ckpt.arrays.items() if k.startswith("strategy.")})
+        best = Best(ckpt.arrays["best_center"], ckpt.meta["best_reward"], ckpt.meta["best_iteration"])
+        baseline = ckpt.meta["baseline_reward"]
+        metrics.truncate(ckpt.iteration)
+        console.print(f"resuming after iteration {ckpt.iteration} from {ckpt_root}")
+    else:
+        metrics.truncate(-1)
+        with console.status("evaluating the initial adapter on held-out prompts..."):
+            baseline, failures = evaluate(engine, state.center, heldout_prompts, heldout, scorer)
+        best = Best(state.center.copy(), baseline, 0)
+        metrics.append({"iteration": 0, "heldout_reward": baseline, "reward_failures": failures,
+                        "peak_memory_mb": peak_memory_mb()})
+        console.print(f"held-out reward of the initial adapter: {baseline:.4f}")
+
+    progress = Progress(TextColumn("[bold]align"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console)
+    with progress:
+        task = progress.add_task("align", total=run.iterations, completed=state.iteration, stats="")
+        while state.iteration < run.iterations:
+            it = state.iteration
+            t0 = time.perf_counter()
+            batch = train.subset(minibatch(len(train), recipe.data.prompts_per_iteration, run.seed, it))
+            candidates = strategy.ask(state)
+            gen = engine.generate(candidates, render(tokenizer, batch.prompts(), recipe.data))
+            t1 = time.perf_counter()
+            scored = [scorer(batch.prompts(), completions, batch.columns()) for completions in gen.completions]
+            rewards = np.array([scores.mean() for scores, _ in scored])
+            t2 = time.perf_counter()
+            state = strategy.tell(state, rewards)
+            t3 = time.perf_counter()
+            row = {"iteration": state.iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                   "reward_max": float(rewards.max()), "reward_failures": sum(f for _, f in scored),
+                   "generated_tokens": gen.tokens, "tokens_per_s": gen.tokens / gen.seconds,
+                   "seconds_generate": t1 - t0, "seconds_score": t2 - t1, "seconds_update": t3 - t2}
+            if state.iteration % run.eval_every == 0 or state.iteration == run.iterations:
+                row["heldout_reward"], failures = evaluate(engine, state.center, heldout_prompts, heldout, scorer)
+                row["reward_failures"] += failures
+                if row["heldout_reward"] > best.reward:
+                    best = Best(state.center.copy(), row["heldout_reward"], state.iteration)
+                row["seconds_eval"] = time.perf_counter() - t3
+            row["peak_memory_mb"] = peak_memory_mb()
+            metrics.append(row)
+            arrays = {f"strategy.{k}": v for k, v in state.to_arrays().items()} | {"best_center": best.center}
+            checkpoint.save(ckpt_root, checkpoint.Checkpoint(state.iteration, arrays, {
+                "best_reward": best.reward, "best_iteration": best.iteration, "baseline_reward": baseline}),
+                keep=run.keep_checkpoints)
+            stats = f"reward {row['reward_mean']:.3f} (max {row['reward_max']:.3f})"
+            if "heldout_reward" in row:
+                stats += f"  held-out {row['heldout_reward']:.3f}"
+            progress.update(task, completed=state.iteration, stats=stats)
+
+    rows = metrics.read()
+    plot(rows, run_dir / "reward.png", f"essa align: {recipe.source}")
+    final = next((r["heldout_reward"] for r in reversed(rows) if r.get("heldout_reward") is not None), baseline)
+    summary = {"baseline_heldout_reward": baseline, "final_heldout_reward": final,
+               "best_heldout_reward": best.reward, "best_iteration": best.iteration,
+               "iterations": state.iteration, "seconds_this_session": time.perf_counter() - started,
+               "peak_memory_mb": peak_memory_mb(), "run_dir": str(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    table = Table(title="essa align: held-out reward of the center")
+    for column in ("initial", "final", "best", "best at iteration"):
+        table.add_column(column)
+    table.add_row(f"{baseline:.4f}", f"{final:.4f}", f"{best.reward:.4f}", str(best.iteration))
+    console.print(table)
+    console.print(f"run directory: {run_dir} (metrics.jsonl, reward.png, checkpoints/); "
+                  f"export with: essa export {run_dir} --adapter DIR")
+    engine.close()
+    return summary

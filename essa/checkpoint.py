@@ -1,0 +1,83 @@
+"""Atomic, verified checkpoints: one directory per iteration, written aside and renamed into place.
+
+A checkpoint holds the strategy state, the best center so far, and the loop's bookkeeping. The
+minibatch sampler and the population noise are pure functions of (seed, iteration), so the
+iteration number is all the RNG state a resume needs. Each state file's SHA-256 is recorded in
+its meta.json; a checkpoint whose hash does not match (a partial or corrupt write) is skipped
+in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+STATE, META = "state.safetensors", "meta.json"
+
+
+@dataclass
+class Checkpoint:
+    iteration: int
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(root: Path, ckpt: Checkpoint, keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"iter-{ckpt.iteration:06d}"
+    tmp = root / f".tmp-iter-{ckpt.iteration:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: np.ascontiguousarray(v) for k, v in ckpt.arrays.items()}, str(tmp / STATE))
+    meta = dict(ckpt.meta, iteration=ckpt.iteration, sha256=_sha256(tmp / STATE))
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    for f in (STATE, META):
+        with open(tmp / f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in sorted(root.glob("iter-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read(path: Path) -> Checkpoint | None:
+    try:
+        meta = json.loads((path / META).read_text())
+        if _sha256(path / STATE) != meta["sha256"]:
+            return None
+        return Checkpoint(int(meta["iteration"]), load_file(str(path / STATE)), meta)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def latest(root: Path) -> tuple[Checkpoint | None, list[Path]]:
+    """The newest valid checkpoint, and the newer ones that were skipped as corrupt."""
+    skipped = []
+    for path in sorted(root.glob("iter-*"), reverse=True):
+        ckpt = _read(path)
+        if ckpt is not None:
+            return ckpt, skipped
+        skipped.append(path)
+    return None, skipped

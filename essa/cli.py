@@ -1,0 +1,93 @@
+"""The `essa` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from essa import recipe as recipes
+from essa.errors import EssaError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="essa", description="Align LLMs with evolution strategies over the singular values of LoRA adapters.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    align = sub.add_parser("align", help="evolve an adapter as a recipe says",
+                           description="Load the model, build the SVD-LoRA search space, evolve the singular values, "
+                                       "checkpoint every iteration. Recipe fields: docs/recipes.md.")
+    align.add_argument("recipe", nargs="?", type=Path,
+                       help="TOML recipe (default: the bundled quickstart, recipes/quickstart.toml)")
+    align.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set run.iterations=2 (repeatable; values are TOML)")
+    align.add_argument("--out", type=Path, metavar="DIR",
+                       help="run directory for checkpoints, metrics.jsonl and reward.png (default: runs/RECIPE_NAME)")
+    align.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last valid checkpoint, with the recipe saved there "
+                            "(--set still applies, e.g. to raise run.iterations)")
+
+    export = sub.add_parser("export", help="write an evolved adapter as a PEFT adapter or a merged model",
+                            description="Export the best (by held-out reward) or final center of a run.")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an `essa align` run directory")
+    target = export.add_mutually_exclusive_group(required=True)
+    target.add_argument("--adapter", type=Path, metavar="DIR",
+                        help="write a standard PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)")
+    target.add_argument("--merged", type=Path, metavar="DIR",
+                        help="write a full model: dequantized base + merged delta, bf16 safetensors + tokenizer")
+    export.add_argument("--center", choices=["best", "final"], default="best",
+                        help="which center to export: best held-out reward (default) or the last iteration's")
+    return parser
+
+
+def _align(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from essa.align import RECIPE_FILE, align
+
+    path = args.recipe or recipes.bundled("quickstart")
+    run_dir = args.out or Path("runs") / path.stem
+    saved = run_dir / RECIPE_FILE
+    if args.resume and saved.is_file():
+        raw, source = json.loads(saved.read_text()), str(saved)
+    else:
+        raw, source = recipes.read_raw(path), str(path)
+    raw = recipes.apply_overrides(raw, args.overrides, source)
+    recipe = recipes.from_dict(raw, source)
+    console = Console()
+    try:
+        align(recipe, raw, run_dir, args.resume, console)
+    except KeyboardInterrupt:
+        console.print(f"\ninterrupted; checkpoints in {run_dir} are intact. Continue with:\n"
+                      f"  essa align {path} --out {run_dir} --resume")
+        raise SystemExit(130) from None
+
+
+def _export(args: argparse.Namespace) -> None:
+    from essa.export import export_adapter, export_merged
+
+    if args.adapter:
+        export_adapter(args.run_dir, args.adapter, args.center)
+        print(f"wrote PEFT adapter to {args.adapter}")
+    else:
+        export_merged(args.run_dir, args.merged, args.center)
+        print(f"wrote merged model to {args.merged}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        {"align": _align, "export": _export}[args.command](args)
+    except EssaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

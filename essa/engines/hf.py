@@ -1,0 +1,125 @@
+"""Population-batched Hugging Face engine.
+
+All (candidate × prompt) rows go through one batched `generate` over the shared (possibly
+quantized) base weights. Forward hooks on the adapted linear layers add each row's own
+low-rank term, computed from the frozen SVD factors and that row's singular values:
+
+    delta(x) = scaling · ((((x V_A) ⊙ s_A[row]) U_Aᵀ V_B) ⊙ s_B[row]) U_Bᵀ
+
+which is x (B A)ᵀ for that row's candidate, without materializing A or B. The shared
+matmuls have width `rank`; the per-row part is only an elementwise scale, so a population
+costs about as much as the same number of sequences of plain batched inference.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from essa.svd import SVDSpace
+
+
+class _RowLoRA:
+    """The low-rank term of one module, with per-row singular values."""
+
+    def __init__(self, factors, dtype: torch.dtype, device: torch.device) -> None:
+        a, b = factors.a, factors.b
+        self.v_a = a.V.to(device, dtype)                  # in × r
+        self.mix = (a.U.T @ b.V).to(device, dtype)        # r × r
+        self.u_b_t = b.U.T.contiguous().to(device, dtype)  # r × out
+        self.scaling = factors.scaling
+        self.s_a: Tensor | None = None
+        self.s_b: Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        x = args[0]
+        if self.s_a is None or x.shape[0] != self.s_a.shape[0]:
+            raise RuntimeError("population rows were not set for this batch")
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+        h = (x.to(self.v_a.dtype) @ self.v_a) * self.s_a.view(shape)
+        h = (h @ self.mix) * self.s_b.view(shape)
+        return output + (h @ self.u_b_t).to(output.dtype) * self.scaling
+
+
+class PopulationLoRA:
+    """Attach per-row LoRA terms for a whole population to a model's adapted layers."""
+
+    def __init__(self, model: nn.Module, space: SVDSpace, dtype: torch.dtype) -> None:
+        self.space = space
+        device = next(model.parameters()).device
+        self.terms = [_RowLoRA(m, dtype, device) for m in space.modules]
+        self.handles = [model.get_submodule(m.name).register_forward_hook(t)
+                        for m, t in zip(space.modules, self.terms)]
+        self.device, self.dtype = device, dtype
+
+    def set_rows(self, candidates: Tensor, members: Tensor) -> None:
+        """Row i uses candidate `members[i]` (candidates are offsets in the search space)."""
+        for term, (s_a, s_b) in zip(self.terms, self.space.singular_values(candidates)):
+            term.s_a = s_a[members].to(self.device, self.dtype)
+            term.s_b = s_b[members].to(self.device, self.dtype)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@dataclass
+class Generation:
+    completions: list[list[str]]  # [candidate][prompt]
+    tokens: int                   # generated tokens, up to and including each row's end token
+    seconds: float
+
+
+def lora_compute_dtype(model: PreTrainedModel) -> torch.dtype:
+    """The activation dtype of the model (bitsandbytes models compute in their compute dtype)."""
+    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+
+
+def count_generated(new_tokens: Tensor, stop_ids: set[int]) -> Tensor:
+    """Tokens generated per row, up to and including the first stop token."""
+    stops = torch.zeros_like(new_tokens, dtype=torch.bool)
+    for token in stop_ids:
+        stops |= new_tokens == token
+    after_stop = (stops.cumsum(1) - stops.long()) > 0
+    return (~after_stop).sum(1)
+
+
+class HFEngine:
+    """Evaluate populations of candidates with one batched `generate` per chunk of rows."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
+                 max_new_tokens: int, batch_rows: int) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.batch_rows = max_new_tokens, batch_rows
+        self.lora = PopulationLoRA(model, space, lora_compute_dtype(model))
+        eos = model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+
+    @torch.no_grad()
+    def generate(self, candidates: Tensor, prompts: list[str]) -> Generation:
+        candidates = torch.as_tensor(candidates, dtype=torch.float32).reshape(-1, self.lora.space.dim)
+        rows = [(member, j) for member in range(len(candidates)) for j in range(len(prompts))]
+        texts: list[str] = []
+        tokens = 0
+        start = time.perf_counter()
+        for lo in range(0, len(rows), self.batch_rows):
+            chunk = rows[lo: lo + self.batch_rows]
+            self.lora.set_rows(candidates, torch.tensor([m for m, _ in chunk]))
+            batch = self.tokenizer([prompts[j] for _, j in chunk], return_tensors="pt", padding=True,
+                                   add_special_tokens=False).to(self.lora.device)
+            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      temperature=None, top_p=None, top_k=None,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+            new = out[:, batch["input_ids"].shape[1]:].cpu()
+            tokens += int(count_generated(new, self.stop_ids).sum())
+            texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        seconds = time.perf_counter() - start
+        n = len(prompts)
+        return Generation([texts[i * n:(i + 1) * n] for i in range(len(candidates))], tokens, seconds)
+
+    def close(self) -> None:
+        self.lora.remove()

