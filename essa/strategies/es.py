@@ -27,7 +27,7 @@ class ESState:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ESState":
-        return cls(arrays["center"], arrays["adam_m"], arrays["adam_v"], int(arrays["iteration"]))
+        return cls(arrays["center"], arrays["adam_m"], arrays["adam_v"], int(np.asarray(arrays["iteration"]).item()))
 
 
 def noise(seed: int, iteration: int, index: int, dim: int) -> np.ndarray:

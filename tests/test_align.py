@@ -1,0 +1,154 @@
+"""`essa align` / `essa export` end to end on the tiny random model: resume, kill, corruption, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.numpy import load_file
+from transformers import AutoModelForCausalLM
+
+import rewards
+from essa.cli import main
+from essa.engines import HFEngine
+from essa.models import load_tokenizer
+from essa.svd import SVDSpace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def center(run_dir: Path, iteration: int) -> np.ndarray:
+    return load_file(str(run_dir / "checkpoints" / f"iter-{iteration:06d}" / "state.safetensors"))["strategy.center"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    from tests.conftest import write_recipe
+
+    tmp = tmp_path_factory.mktemp("run")
+    recipe = write_recipe(tmp / "recipe.toml", tiny_model_dir)
+    assert main(["align", str(recipe), "--out", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+def test_run_writes_metrics_plot_and_checkpoints(finished_run):
+    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0]["heldout_reward"] is not None and "heldout_reward" in rows[2] and "heldout_reward" not in rows[1]
+    for key in ("reward_mean", "reward_std", "reward_max", "tokens_per_s", "seconds_generate", "peak_memory_mb"):
+        assert key in rows[1]
+    assert (finished_run / "reward.png").stat().st_size > 0
+    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == ["iter-000003", "iter-000004"]
+    assert np.abs(center(finished_run, 4)).sum() > 0
+
+
+def test_two_plus_resume_two_equals_four_bit_for_bit(tiny_recipe, tmp_path, finished_run):
+    recipe = tiny_recipe()
+    run = tmp_path / "resumed"
+    assert main(["align", str(recipe), "--out", str(run), "--set", "run.iterations=2"]) == 0
+    assert main(["align", str(recipe), "--out", str(run), "--resume", "--set", "run.iterations=4"]) == 0
+    assert np.array_equal(center(run, 4), center(finished_run, 4))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
+
+
+def test_killed_run_resumes_exactly(tiny_recipe, tmp_path, finished_run):
+    recipe = tiny_recipe()
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "essa", "align", str(recipe), "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "iter-000002").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted((run / "checkpoints").glob("iter-*"))
+    assert done and done[-1].name < "iter-000004", "the run finished before it could be killed"
+    assert main(["align", str(recipe), "--out", str(run), "--resume"]) == 0
+    assert np.array_equal(center(run, 4), center(finished_run, 4))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_recipe, tmp_path, finished_run, capsys):
+    recipe = tiny_recipe()
+    run = tmp_path / "corrupt"
+    assert main(["align", str(recipe), "--out", str(run), "--set", "run.iterations=3",
+                 "--set", "run.keep_checkpoints=3"]) == 0
+    state = run / "checkpoints" / "iter-000003" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:-7])  # a partial write
+    assert main(["align", str(recipe), "--out", str(run), "--resume", "--set", "run.iterations=4"]) == 0
+    assert "iter-000003 is incomplete or corrupt" in capsys.readouterr().out.replace("\n", "")
+    assert np.array_equal(center(run, 4), center(finished_run, 4))
+
+
+def test_existing_run_needs_resume(finished_run, tiny_recipe, capsys):
+    assert main(["align", str(tiny_recipe()), "--out", str(finished_run)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_reward_that_raises_or_returns_nan_does_not_stop_the_run(tiny_recipe, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def flaky(prompts, completions, **_):
+        calls.append(1)
+        if len(calls) % 2:
+            raise RuntimeError("checker crashed")
+        return [float("nan")] * len(completions)
+
+    monkeypatch.setitem(rewards.REGISTRY, "flaky", flaky)
+    run = tmp_path / "flaky"
+    assert main(["align", str(tiny_recipe(reward={"name": "flaky"})), "--out", str(run)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["reward_failures"] > 0 for r in rows)
+    assert capsys.readouterr().err.count("checker crashed") == 1  # warned once
+
+
+def greedy(model, tokenizer, prompts, max_new_tokens=6):
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                         top_k=None, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_exported_adapter_loads_in_peft_and_matches_the_center(finished_run, tiny_model_dir, tmp_path):
+    from tests.conftest import PROMPTS
+
+    out = tmp_path / "adapter"
+    assert main(["export", str(finished_run), "--adapter", str(out), "--center", "final"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 2 and not config["use_dora"] and config["bias"] == "none"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    space = SVDSpace.load(finished_run / "space.safetensors")
+    engine = HFEngine(base, tokenizer, space, max_new_tokens=6, batch_rows=64)
+    expected = engine.generate(torch.as_tensor(center(finished_run, 4))[None], PROMPTS).completions[0]
+    engine.close()
+    assert expected != greedy(base, tokenizer, PROMPTS), "the evolved adapter must change outputs"
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    assert greedy(peft_model, tokenizer, PROMPTS) == expected
+
+
+def test_exported_merged_model_loads_with_transformers(finished_run, tiny_model_dir, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["export", str(finished_run), "--merged", str(out), "--center", "final"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.bfloat16
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    space = SVDSpace.load(finished_run / "space.safetensors")
+    module = space.modules[0]
+    a, b = space.lora_weights(torch.as_tensor(center(finished_run, 4)))[module.name]
+    expected = base.get_submodule(module.name).weight + module.scaling * b @ a
+    assert torch.allclose(merged.get_submodule(module.name).weight.float(), expected, atol=2e-2, rtol=1e-2)
+    assert not torch.allclose(expected, base.get_submodule(module.name).weight)
+    assert greedy(merged, load_tokenizer(str(out)), ["Hello"])  # generates
+
+
+def test_export_of_a_non_run_directory_fails_cleanly(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--adapter", str(tmp_path / "a")]) == 2
+    assert "is it an `essa align` output" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from essa import recipe
+from essa.cli import main
+from essa.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_recipe_loads():
+    paths = sorted((ROOT / "recipes").glob("*.toml"))
+    assert paths
+    for path in paths:
+        assert recipe.load(path).source == str(path)
+
+
+def test_bundled_quickstart_is_the_repository_file():
+    assert recipe.bundled("quickstart").read_text() == (ROOT / "recipes" / "quickstart.toml").read_text()
+
+
+def test_overrides_use_dotted_keys_and_toml_values(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[run]\niterations = 10\n")
+    r = recipe.load(path, ["run.iterations=2", "strategy.sigma=0.5", "model.quantization=nf4",
+                           'lora.target_modules=["q_proj"]'])
+    assert (r.run.iterations, r.strategy.sigma, r.model.quantization) == (2, 0.5, "nf4")
+    assert r.lora.target_modules == ["q_proj"]
+
+
+@pytest.mark.parametrize("text, key, allowed", [
+    ("[run]\niteratons = 3\n", "run.iteratons", "allowed keys: iterations"),
+    ("[run]\niterations = 'many'\n", "run.iterations", "expected an integer"),
+    ("[run]\niterations = 0\n", "run.iterations", "a number > 0"),
+    ("[model]\nquantization = 'int3'\n", "model.quantization", "one of 'none', 'int8', 'nf4', 'fp4'"),
+    ("[strategy]\npopulation = 5\n", "strategy.population", "even population"),
+    ("[svd]\ntrainable_fraction = 1.5\n", "svd.trainable_fraction", "(0, 1]"),
+    ("[optimizer]\nlr = 1\n", "optimizer", "unknown section"),
+    ("[lora]\nadapter = '/nonexistent/adapter'\n", "lora.adapter", "no PEFT adapter"),
+    ("[run\n", "syntax", "not valid TOML"),
+])
+def test_bad_recipes_name_file_and_key(tmp_path, text, key, allowed):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as err:
+        recipe.load(path)
+    assert str(err.value).startswith(f"{path}: {key}: ")
+    assert allowed in str(err.value)
+
+
+def test_bad_override_is_reported():
+    with pytest.raises(RecipeError, match="--set expects section.key=value"):
+        recipe.apply_overrides({}, ["iterations=2"], "r.toml")
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[strategy]\nsigma = -1\n")
+    assert main(["align", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {path}: strategy.sigma: expected a number > 0, got -1"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_missing_recipe_file(tmp_path, capsys):
+    assert main(["align", str(tmp_path / "nope.toml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+
+
+def test_docs_cover_every_recipe_key():
+    docs = (ROOT / "docs" / "recipes.md").read_text()
+    documented = set(re.findall(r"`([a-z_]+\.[a-z_]+)`", docs))
+    missing = [k for k in recipe.all_keys() if k not in documented]
+    assert not missing, f"docs/recipes.md lacks {missing}"
+
+
+def test_help_documents_every_option(capsys):
+    for argv, options in [(["align", "--help"], ["--set", "--out", "--resume"]),
+                          (["export", "--help"], ["--adapter", "--merged", "--center"])]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert all(o in out for o in options)

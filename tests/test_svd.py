@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from essa.errors import EssaError
+from essa.svd import SVDSpace, adapter_factors, build_space, find_targets, principal_factors, svd_factor
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj = nn.Linear(12, 10, bias=False)
+        self.v_proj = nn.Linear(12, 6, bias=False)
+        self.mlp = nn.Linear(12, 12, bias=False)
+
+
+def test_svd_factor_reconstructs():
+    m = torch.randn(4, 9)
+    f = svd_factor(m)
+    assert torch.allclose(f.matrix(f.s).float(), m, atol=1e-5)
+    assert torch.all(f.s[:-1] >= f.s[1:])  # descending: "top fraction" means the first k
+
+
+def test_principal_init_starts_exactly_at_the_base_model_and_spans_top_directions():
+    layer = nn.Linear(12, 10, bias=False)
+    f = principal_factors("q", layer, rank=3, scaling=1.0)
+    assert torch.count_nonzero(f.b.matrix(f.b.s)) == 0
+    U, S, Vh = torch.linalg.svd(layer.weight.detach().double())
+    # A's rows are W's top right singular vectors, B's columns its top left ones.
+    assert torch.allclose(f.a.V.double().abs(), Vh[:3].T.abs(), atol=1e-5)
+    assert torch.allclose(f.b.U.double().abs(), U[:, :3].abs(), atol=1e-5)
+    # A unit offset on s_B[0] adds exactly u_0 v_0ᵀ to W, i.e. raises its top singular value by 1.
+    delta = f.b.matrix(torch.tensor([1.0, 0, 0])) @ f.a.matrix(f.a.s)
+    assert torch.allclose(torch.linalg.svdvals(layer.weight.double() + delta)[0], S[0] + 1, atol=1e-5)
+
+
+def test_adapter_factors_round_trip_and_zero_b_falls_back_to_principal():
+    layer = nn.Linear(12, 10, bias=False)
+    a, b = torch.randn(3, 12), torch.randn(10, 3)
+    f = adapter_factors("q", layer, a, b, 2.0)
+    assert torch.allclose(f.a.matrix(f.a.s).float(), a, atol=1e-5)
+    assert torch.allclose(f.b.matrix(f.b.s).float(), b, atol=1e-5)
+    fresh = adapter_factors("q", layer, a, torch.zeros(10, 3), 2.0)
+    assert torch.count_nonzero(fresh.b.s) == 0
+    assert torch.allclose(fresh.b.U.T @ fresh.b.U, torch.eye(3), atol=1e-5)  # meaningful orthonormal directions
+
+
+def test_flat_vector_maps_to_modules_with_trainable_fraction(tmp_path):
+    model = TwoLayers()
+    space = build_space(model, rank=4, alpha=8, target_modules=["q_proj", "v_proj"], adapter="",
+                        trainable_fraction=0.5)
+    assert [m.name for m in space.modules] == ["q_proj", "v_proj"]
+    assert space.dim == 2 * 2 * math.ceil(0.5 * 4)
+    assert space.modules[0].scaling == 2.0
+    offsets = torch.arange(1, space.dim + 1, dtype=torch.float32)[None]
+    (qa, qb), (va, vb) = space.singular_values(offsets)
+    assert qa[0].tolist() == [2.0, 3.0, 1.0, 1.0]  # s_A = 1 + offsets on the top half only
+    assert qb[0].tolist() == [3.0, 4.0, 0.0, 0.0]
+    assert va[0].tolist() == [6.0, 7.0, 1.0, 1.0]
+    space.save(tmp_path / "space.safetensors")
+    loaded = SVDSpace.load(tmp_path / "space.safetensors")
+    assert loaded.dim == space.dim and loaded.trainable_fraction == 0.5
+    for x, y in zip(space.lora_weights(offsets[0]).values(), loaded.lora_weights(offsets[0]).values()):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+def test_targets_must_match():
+    assert set(find_targets(TwoLayers(), ["q_proj"])) == {"q_proj"}
+    with pytest.raises(EssaError, match="lora.target_modules"):
+        find_targets(TwoLayers(), ["gate_proj"])
