@@ -38,6 +38,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
     return path
 
 
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Plain batched greedy generation (left padding), the reference the engine is compared with."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                         top_k=None, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def write_recipe(path: Path, model_dir: Path, **sections: dict) -> Path:
     """A small recipe for the tiny model; keyword arguments override whole keys per section."""
     base = {

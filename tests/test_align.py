@@ -20,6 +20,7 @@ from essa.cli import main
 from essa.engines import HFEngine
 from essa.models import load_tokenizer
 from essa.svd import SVDSpace
+from tests.conftest import greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,13 +110,6 @@ def test_reward_that_raises_or_returns_nan_does_not_stop_the_run(tiny_recipe, tm
     assert capsys.readouterr().err.count("checker crashed") == 1  # warned once
 
 
-def greedy(model, tokenizer, prompts, max_new_tokens=6):
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                         top_k=None, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 def test_exported_adapter_loads_in_peft_and_matches_the_center(finished_run, tiny_model_dir, tmp_path):
     from tests.conftest import PROMPTS
 
@@ -129,9 +123,9 @@ def test_exported_adapter_loads_in_peft_and_matches_the_center(finished_run, tin
     engine = HFEngine(base, tokenizer, space, max_new_tokens=6, batch_rows=64)
     expected = engine.generate(torch.as_tensor(center(finished_run, 4))[None], PROMPTS).completions[0]
     engine.close()
-    assert expected != greedy(base, tokenizer, PROMPTS), "the evolved adapter must change outputs"
+    assert expected != greedy(base, tokenizer, PROMPTS, 6), "the evolved adapter must change outputs"
     peft_model = PeftModel.from_pretrained(base, str(out)).eval()
-    assert greedy(peft_model, tokenizer, PROMPTS) == expected
+    assert greedy(peft_model, tokenizer, PROMPTS, 6) == expected
 
 
 def test_exported_merged_model_loads_with_transformers(finished_run, tiny_model_dir, tmp_path):
@@ -146,7 +140,7 @@ def test_exported_merged_model_loads_with_transformers(finished_run, tiny_model_
     expected = base.get_submodule(module.name).weight + module.scaling * b @ a
     assert torch.allclose(merged.get_submodule(module.name).weight.float(), expected, atol=2e-2, rtol=1e-2)
     assert not torch.allclose(expected, base.get_submodule(module.name).weight)
-    assert greedy(merged, load_tokenizer(str(out)), ["Hello"])  # generates
+    assert greedy(merged, load_tokenizer(str(out)), ["Hello"], 4)  # generates
 
 
 def test_export_of_a_non_run_directory_fails_cleanly(tmp_path, capsys):

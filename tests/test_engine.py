@@ -9,7 +9,7 @@ from essa.engines import HFEngine
 from essa.engines.hf import count_generated
 from essa.models import load_tokenizer, quantization_config
 from essa.svd import build_space
-from tests.conftest import PROMPTS
+from tests.conftest import PROMPTS, greedy
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -48,19 +48,12 @@ def test_greedy_output_of_every_member_equals_peft_with_its_adapter(tiny_model_d
     assert len({tuple(c) for c in gen.completions}) > 1, "members must differ, or the test shows nothing"
     for member, candidate in enumerate(candidates):
         reference = peft_model(tiny_model_dir, space, candidate, torch.float64)
-        batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = reference.generate(**batch, max_new_tokens=8, do_sample=False, temperature=None, top_p=None,
-                                 top_k=None, pad_token_id=tokenizer.pad_token_id)
-        expected = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert gen.completions[member] == expected, f"member {member}"
+        assert gen.completions[member] == greedy(reference, tokenizer, PROMPTS, 8), f"member {member}"
 
 
 def test_zero_offsets_give_the_base_model(tiny_model_dir):
     model, tokenizer, space, _ = setup(tiny_model_dir, torch.float64)
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(**batch, max_new_tokens=8, do_sample=False, temperature=None, top_p=None, top_k=None,
-                         pad_token_id=tokenizer.pad_token_id)
-    base = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    base = greedy(model, tokenizer, PROMPTS, 8)
     engine = HFEngine(model, tokenizer, space, max_new_tokens=8, batch_rows=64)
     assert engine.generate(torch.zeros(1, space.dim), PROMPTS).completions[0] == base
 

@@ -1,0 +1,62 @@
+"""The bundled SmolLM2-135M-Instruct (NF4) through the real CLI: quickstart recipe, export, peft reload."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from essa import recipe as recipes
+from essa.cli import main
+from essa.data import load_splits, render
+from essa.engines import HFEngine
+from essa.export import load_run
+from essa.models import load_model
+from tests.conftest import greedy
+
+pytestmark = pytest.mark.integration
+
+SMALL = ["run.iterations=2", "run.eval_every=1", "strategy.population=4", "data.prompts_per_iteration=2",
+         "data.heldout_size=3", "generation.max_new_tokens=12"]
+
+
+def test_quickstart_runs_and_its_adapter_reloads_in_peft(tmp_path, smollm2_dir):
+    run = tmp_path / "quickstart"
+    argv = ["align", "--out", str(run)]
+    for item in SMALL:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[2]["generated_tokens"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0 <= summary["final_heldout_reward"] <= 1
+
+    adapter = tmp_path / "adapter"
+    assert main(["export", str(run), "--adapter", str(adapter), "--center", "final"]) == 0
+
+    recipe, space, center = load_run(run, "final")
+    assert recipe.model.quantization == "nf4"
+    model, tokenizer = load_model(recipe.model)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    _, heldout = load_splits(recipe.data, recipe.run.seed)
+    prompts = render(tokenizer, heldout.prompts(), recipe.data)
+    engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, 64)
+    expected = engine.generate(torch.as_tensor(center)[None], prompts).completions[0]
+    engine.close()
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    assert greedy(peft_model, tokenizer, prompts, recipe.generation.max_new_tokens) == expected
+
+
+def test_int8_quickstart_iteration_and_merged_export(tmp_path):
+    run = tmp_path / "int8"
+    argv = ["align", str(recipes.bundled("quickstart")), "--out", str(run), "--set", "model.quantization=int8"]
+    for item in SMALL:
+        argv += ["--set", item]
+    assert main(argv + ["--set", "run.iterations=1"]) == 0
+    merged = tmp_path / "merged"
+    assert main(["export", str(run), "--merged", str(merged)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert model.dtype == torch.bfloat16
