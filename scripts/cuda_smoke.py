@@ -1,0 +1,125 @@
+"""Run essa end to end on a CUDA GPU with a random-weight model built from a config (no download).
+
+For each quantization (bf16, int8, nf4): `essa align` for a few iterations, export the adapter,
+reload it with peft on the same quantized base, and compare greedy outputs with the engine's
+center; also compare every population member against peft with its adapter materialized.
+
+    python scripts/cuda_smoke.py --tokenizer DIR [--hidden 1024 --layers 8]
+
+DIR holds any transformers tokenizer with a chat template (e.g. SmolLM2's, which
+`essa.models.resolve_source("smollm2-135m-instruct")` writes to ~/.cache/essa/gguf/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from essa.cli import main as essa
+from essa.data import load_splits, render
+from essa.engines import HFEngine
+from essa.export import load_run
+from essa.models import load_model, load_tokenizer, quantization_config
+
+
+def build_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int) -> None:
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                         top_k=None, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def agreement(a: list[str], b: list[str]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def check(model_dir: Path, work: Path, quantization: str, iterations: int, dtype: str) -> dict:
+    run = work / f"run-{quantization}"
+    overrides = {"model.name_or_path": str(model_dir), "model.quantization": quantization,
+                 "model.dtype": dtype, "run.iterations": iterations, "run.eval_every": iterations,
+                 "data.heldout_size": 16, "generation.max_new_tokens": 32, "lora.rank": 8}
+    argv = ["align", "--out", str(run)]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    assert essa(argv) == 0
+    assert essa(["export", str(run), "--adapter", str(work / f"adapter-{quantization}"), "--center", "final"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    recipe, space, center = load_run(run, "final")
+    model, tokenizer = load_model(recipe.model)
+    _, heldout = load_splits(recipe.data, recipe.run.seed)
+    prompts = render(tokenizer, heldout.prompts(), recipe.data)
+    engine = HFEngine(model, tokenizer, space, 32, 256)
+    members = torch.randn(3, space.dim, generator=torch.Generator().manual_seed(0)) * recipe.strategy.sigma
+    population = engine.generate(torch.cat([torch.as_tensor(center)[None].float(), members]), prompts).completions
+    engine.close()
+
+    exported = PeftModel.from_pretrained(model, str(work / f"adapter-{quantization}")).eval()
+    center_agreement = agreement(greedy(exported, tokenizer, prompts, 32), population[0])
+    exported.unload()
+
+    torch_dtype = getattr(torch, dtype)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, device_map={"": "cuda"},
+                                                quantization_config=quantization_config(quantization, torch_dtype))
+    lora = get_peft_model(base, LoraConfig(r=space.rank, lora_alpha=space.rank, target_modules=recipe.lora.target_modules))
+    member_agreement = []
+    for member, candidate in enumerate(members, start=1):
+        state = {f"base_model.model.{name}.lora_{part}.weight": w.to(torch_dtype)
+                 for name, (a, b) in space.lora_weights(candidate).items() for part, w in (("A", a), ("B", b))}
+        set_peft_model_state_dict(lora, state)
+        member_agreement.append(agreement(greedy(lora.eval(), tokenizer, prompts, 32), population[member]))
+    steps = rows[1:]
+    return {"quantization": quantization,
+            "seconds_per_iteration": sum(r["seconds_generate"] + r["seconds_score"] + r["seconds_update"]
+                                         for r in steps) / len(steps),
+            "tokens_per_s": sum(r["tokens_per_s"] for r in steps) / len(steps),
+            "peak_memory_mb": rows[-1]["peak_memory_mb"],
+            "exported_adapter_vs_center": center_agreement,
+            "members_vs_peft": sum(member_agreement) / len(member_agreement)}
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer directory with a chat template")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the random model")
+    parser.add_argument("--layers", type=int, default=8, help="layers of the random model")
+    parser.add_argument("--iterations", type=int, default=3, help="essa align iterations per quantization")
+    parser.add_argument("--quantizations", default="none,int8,nf4", help="comma-separated model.quantization values")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="model and compute dtype (bfloat16 greedy outputs of a random model flip on ties)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this script needs a CUDA GPU"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        build_model(args.tokenizer, work / "model", args.hidden, args.layers)
+        results = [check(work / "model", work, q, args.iterations, args.dtype) for q in args.quantizations.split(",")]
+    print(f"device: {torch.cuda.get_device_name()}, model: random Llama hidden {args.hidden} × {args.layers} layers, "
+          f"{args.dtype}; agreement = share of held-out prompts with identical greedy text")
+    print(f"{'quantization':<13}{'s/iteration':>12}{'tokens/s':>10}{'peak MiB':>10}{'export=center':>15}{'member=peft':>13}")
+    for r in results:
+        print(f"{r['quantization']:<13}{r['seconds_per_iteration']:>12.2f}{r['tokens_per_s']:>10.0f}"
+              f"{r['peak_memory_mb']:>10.0f}{r['exported_adapter_vs_center']:>15.2f}{r['members_vs_peft']:>13.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    cli()
