@@ -21,7 +21,7 @@ from essa.metrics import MetricsLog, peak_memory_mb, plot
 from essa.models import load_model
 from essa.recipe import Recipe
 from essa.scoring import Scorer
-from essa.strategies import make_strategy
+from essa.strategies import ES, ESState, make_strategy
 from essa.svd import SVDSpace, build_space
 
 SPACE_FILE, RECIPE_FILE = "space.safetensors", "recipe.json"
@@ -34,7 +34,8 @@ class Best:
     iteration: int
 
 
-def evaluate(engine: HFEngine, center: np.ndarray, prompts: list[str], data: Dataset, scorer: Scorer) -> tuple[float, int]:
+def evaluate(engine: HFEngine, center: np.ndarray, prompts: list[str], data: Dataset,
+             scorer: Scorer) -> tuple[float, int]:
     """Mean reward of one candidate (the center) on a fixed prompt set, and the failed-score count."""
     gen = engine.generate(center[None].astype(np.float32), prompts)
     scores, failures = scorer(data.prompts(), gen.completions[0], data.columns())
@@ -52,41 +53,113 @@ def load_space(run_dir: Path, recipe: Recipe, model) -> SVDSpace:
     return space
 
 
+@dataclass
+class Parts:
+    """What one run evaluates with: built once from the recipe."""
+
+    recipe: Recipe
+    engine: HFEngine
+    tokenizer: object
+    train: Dataset
+    heldout: Dataset
+    heldout_prompts: list[str]
+    scorer: Scorer
+
+    def heldout_reward(self, center: np.ndarray) -> tuple[float, int]:
+        return evaluate(self.engine, center, self.heldout_prompts, self.heldout, self.scorer)
+
+
+def build_parts(recipe: Recipe, run_dir: Path) -> Parts:
+    model, tokenizer = load_model(recipe.model)
+    space = load_space(run_dir, recipe, model)
+    engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows)
+    train, heldout = load_splits(recipe.data, recipe.run.seed)
+    return Parts(recipe, engine, tokenizer, train, heldout, render(tokenizer, heldout.prompts(), recipe.data),
+                 Scorer.from_name(recipe.reward.name))
+
+
+def es_step(parts: Parts, strategy: ES, state: ESState) -> tuple[ESState, dict]:
+    """One iteration: the same minibatch for every candidate, one batched generation, score, tell."""
+    recipe, t0 = parts.recipe, time.perf_counter()
+    batch = parts.train.subset(minibatch(len(parts.train), recipe.data.prompts_per_iteration, recipe.run.seed,
+                                         state.iteration))
+    gen = parts.engine.generate(strategy.ask(state), render(parts.tokenizer, batch.prompts(), recipe.data))
+    t1 = time.perf_counter()
+    scored = [parts.scorer(batch.prompts(), completions, batch.columns()) for completions in gen.completions]
+    rewards = np.array([scores.mean() for scores, _ in scored])
+    t2 = time.perf_counter()
+    state = strategy.tell(state, rewards)
+    row = {"iteration": state.iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+           "reward_max": float(rewards.max()), "reward_failures": sum(f for _, f in scored),
+           "generated_tokens": gen.tokens, "tokens_per_s": gen.tokens / gen.seconds,
+           "seconds_generate": t1 - t0, "seconds_score": t2 - t1, "seconds_update": time.perf_counter() - t2}
+    return state, row
+
+
+def save_checkpoint(root: Path, state: ESState, best: Best, baseline: float, keep: int) -> None:
+    arrays = {f"strategy.{k}": v for k, v in state.to_arrays().items()} | {"best_center": best.center}
+    meta = {"best_reward": best.reward, "best_iteration": best.iteration, "baseline_reward": baseline}
+    checkpoint.save(root, checkpoint.Checkpoint(state.iteration, arrays, meta), keep=keep)
+
+
+def restore(root: Path, console: Console) -> tuple[ESState, Best, float] | None:
+    ckpt, skipped = checkpoint.latest(root)
+    for path in skipped:
+        console.print(f"[yellow]warning:[/] checkpoint {path} is incomplete or corrupt; using the one before it")
+    if ckpt is None:
+        return None
+    state = ESState.from_arrays({k.removeprefix("strategy."): v for k, v in ckpt.arrays.items()
+                                 if k.startswith("strategy.")})
+    best = Best(ckpt.arrays["best_center"], ckpt.meta["best_reward"], ckpt.meta["best_iteration"])
+    console.print(f"resuming after iteration {ckpt.iteration} from {root}")
+    return state, best, ckpt.meta["baseline_reward"]
+
+
+def report(run_dir: Path, recipe: Recipe, rows: list[dict], best: Best, baseline: float, iterations: int,
+           seconds: float, console: Console) -> dict:
+    plot(rows, run_dir / "reward.png", f"essa align: {recipe.source}")
+    final = next((r["heldout_reward"] for r in reversed(rows) if r.get("heldout_reward") is not None), baseline)
+    summary = {"baseline_heldout_reward": baseline, "final_heldout_reward": final,
+               "best_heldout_reward": best.reward, "best_iteration": best.iteration, "iterations": iterations,
+               "seconds_this_session": seconds, "peak_memory_mb": peak_memory_mb(), "run_dir": str(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    table = Table(title="essa align: held-out reward of the center")
+    for column in ("initial", "final", "best", "best at iteration"):
+        table.add_column(column)
+    table.add_row(f"{baseline:.4f}", f"{final:.4f}", f"{best.reward:.4f}", str(best.iteration))
+    console.print(table)
+    console.print(f"run directory: {run_dir} (metrics.jsonl, reward.png, checkpoints/); "
+                  f"export with: essa export {run_dir} --adapter DIR")
+    return summary
+
+
 def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Console) -> dict:
-    ckpt_root, metrics = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl")
+    ckpt_root, metrics, run = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl"), recipe.run
     if not resume and ckpt_root.exists() and any(ckpt_root.glob("iter-*")):
         raise EssaError(f"--out: {run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (run_dir / SPACE_FILE).unlink(missing_ok=True)
     (run_dir / RECIPE_FILE).write_text(json.dumps(raw, indent=1))
-    run, started = recipe.run, time.perf_counter()
+    started = time.perf_counter()
 
     with console.status("loading model and building the SVD space..."):
-        model, tokenizer = load_model(recipe.model)
-        space = load_space(run_dir, recipe, model)
-        engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows)
-        train, heldout = load_splits(recipe.data, run.seed)
-        scorer = Scorer.from_name(recipe.reward.name)
-    heldout_prompts = render(tokenizer, heldout.prompts(), recipe.data)
+        parts = build_parts(recipe, run_dir)
+    space = parts.engine.lora.space
     strategy = make_strategy(recipe.strategy, space.dim, run.seed)
-    console.print(f"search space: {len(space.modules)} modules, rank {space.rank}, {space.dim} trainable singular values; "
-                  f"population {recipe.strategy.population} × {min(recipe.data.prompts_per_iteration, len(train))} prompts")
+    console.print(f"search space: {len(space.modules)} modules, rank {space.rank}, {space.dim} trainable singular "
+                  f"values; population {recipe.strategy.population} × "
+                  f"{min(recipe.data.prompts_per_iteration, len(parts.train))} prompts")
 
-    state, best, baseline = strategy.init(), None, None
-    ckpt, skipped = checkpoint.latest(ckpt_root) if resume else (None, [])
-    for path in skipped:
-        console.print(f"[yellow]warning:[/] checkpoint {path} is incomplete or corrupt; using the one before it")
-    if ckpt is not None:
-        state = type(state).from_arrays({k[len("strategy."):]: v for k, v in ckpt.arrays.items() if k.startswith("strategy.")})
-        best = Best(ckpt.arrays["best_center"], ckpt.meta["best_reward"], ckpt.meta["best_iteration"])
-        baseline = ckpt.meta["baseline_reward"]
-        metrics.truncate(ckpt.iteration)
-        console.print(f"resuming after iteration {ckpt.iteration} from {ckpt_root}")
+    restored = restore(ckpt_root, console) if resume else None
+    if restored:
+        state, best, baseline = restored
+        metrics.truncate(state.iteration)
     else:
+        state = strategy.init()
         metrics.truncate(-1)
         with console.status("evaluating the initial adapter on held-out prompts..."):
-            baseline, failures = evaluate(engine, state.center, heldout_prompts, heldout, scorer)
+            baseline, failures = parts.heldout_reward(state.center)
         best = Best(state.center.copy(), baseline, 0)
         metrics.append({"iteration": 0, "heldout_reward": baseline, "reward_failures": failures,
                         "peak_memory_mb": peak_memory_mb()})
@@ -97,52 +170,22 @@ def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Conso
     with progress:
         task = progress.add_task("align", total=run.iterations, completed=state.iteration, stats="")
         while state.iteration < run.iterations:
-            it = state.iteration
-            t0 = time.perf_counter()
-            batch = train.subset(minibatch(len(train), recipe.data.prompts_per_iteration, run.seed, it))
-            candidates = strategy.ask(state)
-            gen = engine.generate(candidates, render(tokenizer, batch.prompts(), recipe.data))
-            t1 = time.perf_counter()
-            scored = [scorer(batch.prompts(), completions, batch.columns()) for completions in gen.completions]
-            rewards = np.array([scores.mean() for scores, _ in scored])
-            t2 = time.perf_counter()
-            state = strategy.tell(state, rewards)
-            t3 = time.perf_counter()
-            row = {"iteration": state.iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                   "reward_max": float(rewards.max()), "reward_failures": sum(f for _, f in scored),
-                   "generated_tokens": gen.tokens, "tokens_per_s": gen.tokens / gen.seconds,
-                   "seconds_generate": t1 - t0, "seconds_score": t2 - t1, "seconds_update": t3 - t2}
+            state, row = es_step(parts, strategy, state)
+            stats = f"reward {row['reward_mean']:.3f} (max {row['reward_max']:.3f})"
             if state.iteration % run.eval_every == 0 or state.iteration == run.iterations:
-                row["heldout_reward"], failures = evaluate(engine, state.center, heldout_prompts, heldout, scorer)
+                t = time.perf_counter()
+                row["heldout_reward"], failures = parts.heldout_reward(state.center)
                 row["reward_failures"] += failures
+                row["seconds_eval"] = time.perf_counter() - t
                 if row["heldout_reward"] > best.reward:
                     best = Best(state.center.copy(), row["heldout_reward"], state.iteration)
-                row["seconds_eval"] = time.perf_counter() - t3
+                stats += f"  held-out {row['heldout_reward']:.3f}"
             row["peak_memory_mb"] = peak_memory_mb()
             metrics.append(row)
-            arrays = {f"strategy.{k}": v for k, v in state.to_arrays().items()} | {"best_center": best.center}
-            checkpoint.save(ckpt_root, checkpoint.Checkpoint(state.iteration, arrays, {
-                "best_reward": best.reward, "best_iteration": best.iteration, "baseline_reward": baseline}),
-                keep=run.keep_checkpoints)
-            stats = f"reward {row['reward_mean']:.3f} (max {row['reward_max']:.3f})"
-            if "heldout_reward" in row:
-                stats += f"  held-out {row['heldout_reward']:.3f}"
+            save_checkpoint(ckpt_root, state, best, baseline, run.keep_checkpoints)
             progress.update(task, completed=state.iteration, stats=stats)
 
-    rows = metrics.read()
-    plot(rows, run_dir / "reward.png", f"essa align: {recipe.source}")
-    final = next((r["heldout_reward"] for r in reversed(rows) if r.get("heldout_reward") is not None), baseline)
-    summary = {"baseline_heldout_reward": baseline, "final_heldout_reward": final,
-               "best_heldout_reward": best.reward, "best_iteration": best.iteration,
-               "iterations": state.iteration, "seconds_this_session": time.perf_counter() - started,
-               "peak_memory_mb": peak_memory_mb(), "run_dir": str(run_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    table = Table(title="essa align: held-out reward of the center")
-    for column in ("initial", "final", "best", "best at iteration"):
-        table.add_column(column)
-    table.add_row(f"{baseline:.4f}", f"{final:.4f}", f"{best.reward:.4f}", str(best.iteration))
-    console.print(table)
-    console.print(f"run directory: {run_dir} (metrics.jsonl, reward.png, checkpoints/); "
-                  f"export with: essa export {run_dir} --adapter DIR")
-    engine.close()
+    summary = report(run_dir, recipe, metrics.read(), best, baseline, state.iteration,
+                     time.perf_counter() - started, console)
+    parts.engine.close()
     return summary

@@ -69,11 +69,9 @@ def _export(args: argparse.Namespace) -> None:
     from essa.export import export_adapter, export_merged
 
     if args.adapter:
-        export_adapter(args.run_dir, args.adapter, args.center)
-        print(f"wrote PEFT adapter to {args.adapter}")
+        print(f"wrote PEFT adapter to {args.adapter} ({export_adapter(args.run_dir, args.adapter, args.center)})")
     else:
-        export_merged(args.run_dir, args.merged, args.center)
-        print(f"wrote merged model to {args.merged}")
+        print(f"wrote merged model to {args.merged} ({export_merged(args.run_dir, args.merged, args.center)})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,8 +22,16 @@ from essa.svd import SVDSpace, find_targets
 Which = Literal["best", "final"]
 
 
-def load_run(run_dir: Path, which: Which) -> tuple[Recipe, SVDSpace, np.ndarray]:
-    """The recipe, search space and chosen center (offsets) of a run directory."""
+@dataclass(frozen=True)
+class Run:
+    recipe: Recipe
+    space: SVDSpace
+    center: np.ndarray  # offsets of the trainable singular values
+    description: str
+
+
+def load_run(run_dir: Path, which: Which) -> Run:
+    """The recipe, search space and chosen center of a run directory."""
     if not (run_dir / RECIPE_FILE).is_file() or not (run_dir / SPACE_FILE).is_file():
         raise EssaError(f"run directory {run_dir} has no {RECIPE_FILE}/{SPACE_FILE}; is it an `essa align` output?")
     recipe = from_dict(json.loads((run_dir / RECIPE_FILE).read_text()), str(run_dir / RECIPE_FILE))
@@ -30,8 +39,11 @@ def load_run(run_dir: Path, which: Which) -> tuple[Recipe, SVDSpace, np.ndarray]
     ckpt, _ = checkpoint.latest(run_dir / "checkpoints")
     if ckpt is None:
         raise EssaError(f"run directory {run_dir} has no valid checkpoint yet; run at least one iteration")
-    center = ckpt.arrays["best_center"] if which == "best" else ckpt.arrays["strategy.center"]
-    return recipe, space, center
+    if which == "best":
+        description = (f"best center: iteration {ckpt.meta['best_iteration']}, "
+                       f"held-out reward {ckpt.meta['best_reward']:.4f}")
+        return Run(recipe, space, ckpt.arrays["best_center"], description)
+    return Run(recipe, space, ckpt.arrays["strategy.center"], f"final center: iteration {ckpt.iteration}")
 
 
 def write_adapter(space: SVDSpace, center: np.ndarray, base_model: str, out: Path) -> None:
@@ -53,21 +65,24 @@ def write_adapter(space: SVDSpace, center: np.ndarray, base_model: str, out: Pat
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def export_adapter(run_dir: Path, out: Path, which: Which = "best") -> None:
-    recipe, space, center = load_run(run_dir, which)
-    write_adapter(space, center, resolve_source(recipe.model.name_or_path), out)
+def export_adapter(run_dir: Path, out: Path, which: Which = "best") -> str:
+    run = load_run(run_dir, which)
+    write_adapter(run.space, run.center, resolve_source(run.recipe.model.name_or_path), out)
+    return run.description
 
 
 @torch.no_grad()
-def export_merged(run_dir: Path, out: Path, which: Which = "best", dtype: torch.dtype = torch.bfloat16) -> None:
+def export_merged(run_dir: Path, out: Path, which: Which = "best", dtype: torch.dtype = torch.bfloat16) -> str:
     """Dequantized base (the weights the run evolved against) + merged delta, saved as safetensors."""
-    recipe, space, center = load_run(run_dir, which)
-    model, tokenizer = load_model(recipe.model)
-    if recipe.model.quantization != "none":
+    run = load_run(run_dir, which)
+    model, tokenizer = load_model(run.recipe.model)
+    if run.recipe.model.quantization != "none":
         model = model.dequantize(dtype=torch.float32)
-    targets = find_targets(model, [m.name for m in space.modules])
-    for module_factors, (name, (a, b)) in zip(space.modules, space.lora_weights(torch.as_tensor(center)).items()):
+    targets = find_targets(model, [m.name for m in run.space.modules])
+    weights = run.space.lora_weights(torch.as_tensor(run.center))
+    for module_factors, (name, (a, b)) in zip(run.space.modules, weights.items()):
         weight = targets[name].weight
         weight.copy_((weight.double() + module_factors.scaling * (b.double() @ a.double())).to(weight.dtype))
     model.to(dtype).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    return run.description

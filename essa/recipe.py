@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal
 
 from essa.errors import RecipeError
 
+
 def _checked(default: Any, check: Callable[[Any], bool], allowed: str) -> Any:
     factory = (lambda: list(default)) if isinstance(default, list) else None
     meta = {"check": (check, allowed)}

@@ -32,7 +32,8 @@ class Scorer:
                                "(scored 0; counted as reward_failures in metrics.jsonl; warned once)")
             self.warned = True
 
-    def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]) -> tuple[np.ndarray, int]:
+    def __call__(self, prompts: list[str], completions: list[str],
+                 columns: dict[str, list[Any]]) -> tuple[np.ndarray, int]:
         """Scores and the number of completions whose score failed."""
         try:
             raw = list(self.fn(prompts, completions, **columns))

@@ -57,8 +57,9 @@ def svd_factor(matrix: Tensor) -> Factor:
 
 def find_targets(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Linear]:
     """Linear modules whose full name or last name component is listed (peft's matching rule)."""
+    wanted = set(target_modules)
     targets = {name: module for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and (name in target_modules or name.rsplit(".", 1)[-1] in target_modules)}
+               if isinstance(module, nn.Linear) and (name in wanted or name.rsplit(".", 1)[-1] in wanted)}
     if not targets:
         raise EssaError(f"lora.target_modules: none of {target_modules} matches a linear layer of the model")
     return targets
@@ -169,8 +170,10 @@ def build_space(model: nn.Module, rank: int, alpha: float, target_modules: list[
         config, weights = read_peft_adapter(Path(adapter))
         if config.get("use_dora") or config.get("bias", "none") != "none":
             raise EssaError("lora.adapter: only plain LoRA adapters (no DoRA, no bias) can be evolved")
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise EssaError("lora.adapter: adapters with per-module rank_pattern/alpha_pattern are not supported")
         targets = find_targets(model, list(weights))
-        scaling = config["lora_alpha"] / config["r"]
+        scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
         modules = [adapter_factors(name, targets[name], *weights[name], scaling) for name in targets]
     else:
         scaling = (alpha or rank) / rank

@@ -62,7 +62,8 @@ def check(model_dir: Path, work: Path, quantization: str, iterations: int, dtype
     assert essa(["export", str(run), "--adapter", str(work / f"adapter-{quantization}"), "--center", "final"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    recipe, space, center = load_run(run, "final")
+    loaded = load_run(run, "final")
+    recipe, space, center = loaded.recipe, loaded.space, loaded.center
     model, tokenizer = load_model(recipe.model)
     _, heldout = load_splits(recipe.data, recipe.run.seed)
     prompts = render(tokenizer, heldout.prompts(), recipe.data)
@@ -78,7 +79,8 @@ def check(model_dir: Path, work: Path, quantization: str, iterations: int, dtype
     torch_dtype = getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, device_map={"": "cuda"},
                                                 quantization_config=quantization_config(quantization, torch_dtype))
-    lora = get_peft_model(base, LoraConfig(r=space.rank, lora_alpha=space.rank, target_modules=recipe.lora.target_modules))
+    config = LoraConfig(r=space.rank, lora_alpha=space.rank, target_modules=recipe.lora.target_modules)
+    lora = get_peft_model(base, config)
     member_agreement = []
     for member, candidate in enumerate(members, start=1):
         state = {f"base_model.model.{name}.lora_{part}.weight": w.to(torch_dtype)
@@ -113,7 +115,8 @@ def cli() -> None:
         results = [check(work / "model", work, q, args.iterations, args.dtype) for q in args.quantizations.split(",")]
     print(f"device: {torch.cuda.get_device_name()}, model: random Llama hidden {args.hidden} × {args.layers} layers, "
           f"{args.dtype}; agreement = share of held-out prompts with identical greedy text")
-    print(f"{'quantization':<13}{'s/iteration':>12}{'tokens/s':>10}{'peak MiB':>10}{'export=center':>15}{'member=peft':>13}")
+    print(f"{'quantization':<13}{'s/iteration':>12}{'tokens/s':>10}{'peak MiB':>10}"
+          f"{'export=center':>15}{'member=peft':>13}")
     for r in results:
         print(f"{r['quantization']:<13}{r['seconds_per_iteration']:>12.2f}{r['tokens_per_s']:>10.0f}"
               f"{r['peak_memory_mb']:>10.0f}{r['exported_adapter_vs_center']:>15.2f}{r['members_vs_peft']:>13.2f}")

@@ -110,11 +110,12 @@ def test_reward_that_raises_or_returns_nan_does_not_stop_the_run(tiny_recipe, tm
     assert capsys.readouterr().err.count("checker crashed") == 1  # warned once
 
 
-def test_exported_adapter_loads_in_peft_and_matches_the_center(finished_run, tiny_model_dir, tmp_path):
+def test_exported_adapter_loads_in_peft_and_matches_the_center(finished_run, tiny_model_dir, tmp_path, capsys):
     from tests.conftest import PROMPTS
 
     out = tmp_path / "adapter"
     assert main(["export", str(finished_run), "--adapter", str(out), "--center", "final"]) == 0
+    assert "final center: iteration 4" in capsys.readouterr().out
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 2 and not config["use_dora"] and config["bias"] == "none"
     tokenizer = load_tokenizer(str(tiny_model_dir))

@@ -27,7 +27,8 @@ def test_checkers_score_good_above_bad(instruction, good, bad):
 def test_checkers_are_graded():
     assert fi.score_response("Two Capitals", [{"id": "lowercase"}]) == pytest.approx(0.6)
     assert fi.score_response("x, y", [{"id": "no_commas"}]) == pytest.approx(2 / 3)
-    assert fi.score_response("that is all. more", [{"id": "end_phrase", "kwargs": {"end_phrase": "that is all."}}]) == 0.5
+    end = [{"id": "end_phrase", "kwargs": {"end_phrase": "that is all."}}]
+    assert fi.score_response("that is all. more", end) == 0.5
     two = [{"id": "lowercase"}, {"id": "quoted"}]
     assert fi.score_response("lower but unquoted", two) == 0.5
 

@@ -82,3 +82,23 @@ def test_quantized_engine_matches_peft_on_real_bitsandbytes_layers(tiny_model_di
 def test_count_generated_stops_at_the_first_stop_token():
     new = torch.tensor([[5, 6, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2]])
     assert count_generated(new, {2}).tolist() == [3, 4, 1]
+
+
+def test_space_from_a_peft_adapter_reproduces_it(tiny_model_dir, tmp_path):
+    torch.manual_seed(2)
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    trained.save_pretrained(tmp_path / "sft")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    space = build_space(model, rank=2, alpha=0, target_modules=["q_proj"], adapter=str(tmp_path / "sft"),
+                        trainable_fraction=1.0)
+    assert len(space.modules) == 4 * model.config.num_hidden_layers and space.modules[0].scaling == 2.0
+    weights = space.lora_weights(torch.zeros(space.dim))
+    layer = trained.base_model.model.model.layers[0].self_attn.q_proj
+    a, b = weights["model.layers.0.self_attn.q_proj"]
+    assert torch.allclose(a.double(), layer.lora_A["default"].weight, atol=1e-5)
+    assert torch.allclose(b.double(), layer.lora_B["default"].weight, atol=1e-5)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    engine = HFEngine(model, tokenizer, space, max_new_tokens=8, batch_rows=64)
+    expected = greedy(trained.eval(), tokenizer, PROMPTS, 8)
+    assert engine.generate(torch.zeros(1, space.dim), PROMPTS).completions[0] == expected

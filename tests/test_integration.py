@@ -35,7 +35,8 @@ def test_quickstart_runs_and_its_adapter_reloads_in_peft(tmp_path, smollm2_dir):
     adapter = tmp_path / "adapter"
     assert main(["export", str(run), "--adapter", str(adapter), "--center", "final"]) == 0
 
-    recipe, space, center = load_run(run, "final")
+    loaded = load_run(run, "final")
+    recipe, space, center = loaded.recipe, loaded.space, loaded.center
     assert recipe.model.quantization == "nf4"
     model, tokenizer = load_model(recipe.model)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
