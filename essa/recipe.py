@@ -61,8 +61,8 @@ class SVDSection:
 class StrategySection:
     name: Literal["es"] = "es"
     population: int = _checked(8, lambda v: v >= 2, "an integer >= 2")
-    sigma: float = positive(0.05)
-    learning_rate: float = positive(0.02)
+    sigma: float = positive(0.5)
+    learning_rate: float = positive(0.1)
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = non_negative(0.0)
     fitness_shaping: Literal["centered_rank", "zscore"] = "centered_rank"
