@@ -82,7 +82,8 @@ def export_merged(run_dir: Path, out: Path, which: Which = "best", dtype: torch.
     weights = run.space.lora_weights(torch.as_tensor(run.center))
     for module_factors, (name, (a, b)) in zip(run.space.modules, weights.items()):
         weight = targets[name].weight
-        weight.copy_((weight.double() + module_factors.scaling * (b.double() @ a.double())).to(weight.dtype))
+        delta = module_factors.scaling * (b.double() @ a.double()).to(weight.device)
+        weight.copy_((weight.double() + delta).to(weight.dtype))
     model.to(dtype).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return run.description

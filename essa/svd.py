@@ -52,7 +52,7 @@ class ModuleFactors:
 
 def svd_factor(matrix: Tensor) -> Factor:
     U, s, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return Factor(U.float(), s.float(), Vh.T.float())
+    return Factor(U.float().cpu(), s.float().cpu(), Vh.T.float().cpu())
 
 
 def find_targets(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Linear]:
@@ -71,10 +71,11 @@ def base_weight(module: nn.Linear) -> Tensor:
 
 
 def principal_factors(name: str, module: nn.Linear, rank: int, scaling: float) -> ModuleFactors:
+    # The SVD runs where the weight lives (fast on a GPU); the space itself is kept on the CPU.
     U, _, Vh = torch.linalg.svd(base_weight(module).double(), full_matrices=False)
     rank = min(rank, U.shape[1])
-    a = Factor(torch.eye(rank), torch.ones(rank), Vh[:rank].T.float())
-    b = Factor(U[:, :rank].float(), torch.zeros(rank), torch.eye(rank))
+    a = Factor(torch.eye(rank), torch.ones(rank), Vh[:rank].T.float().cpu())
+    b = Factor(U[:, :rank].float().cpu(), torch.zeros(rank), torch.eye(rank))
     return ModuleFactors(name, a, b, scaling)
 
 

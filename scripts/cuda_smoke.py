@@ -1,8 +1,9 @@
 """Run essa end to end on a CUDA GPU with a random-weight model built from a config (no download).
 
-For each quantization (bf16, int8, nf4): `essa align` for a few iterations, export the adapter,
-reload it with peft on the same quantized base, and compare greedy outputs with the engine's
-center; also compare every population member against peft with its adapter materialized.
+For each quantization (none, int8, nf4): `essa align` for a few iterations, export the adapter,
+reload it with peft on the same quantized base, and compare next-token logits on held-out
+prompts with the engine's center; likewise three population members against peft with each
+member's adapter materialized.
 
     python scripts/cuda_smoke.py --tokenizer DIR [--hidden 1024 --layers 8]
 
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from essa.cli import main as essa
@@ -39,19 +40,22 @@ def build_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int) -> Non
     tokenizer.save_pretrained(out)
 
 
-def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                         top_k=None, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def agreement(a: list[str], b: list[str]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / len(a)
+@torch.no_grad()
+def next_token_agreement(model, engine: HFEngine, candidate: torch.Tensor, reference, batch) -> tuple[float, float]:
+    """Engine vs reference on the same rows: share of positions with the same top-1 next token,
+    and the largest logit difference relative to the logits' spread."""
+    rows = len(batch["input_ids"])
+    engine.lora.set_rows(candidate[None].float(), torch.zeros(rows, dtype=torch.long))
+    ours = model(**batch).logits.float()
+    theirs = reference(**batch).logits.float()
+    mask = batch["attention_mask"].bool()
+    ours, theirs = ours[mask], theirs[mask]
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    return top1, ((ours - theirs).abs().max() / theirs.std()).item()
 
 
 def check(model_dir: Path, work: Path, quantization: str, iterations: int, dtype: str) -> dict:
-    run = work / f"run-{quantization}"
+    run, adapter = work / f"run-{quantization}", work / f"adapter-{quantization}"
     overrides = {"model.name_or_path": str(model_dir), "model.quantization": quantization,
                  "model.dtype": dtype, "run.iterations": iterations, "run.eval_every": iterations,
                  "data.heldout_size": 16, "generation.max_new_tokens": 32, "lora.rank": 8}
@@ -59,42 +63,40 @@ def check(model_dir: Path, work: Path, quantization: str, iterations: int, dtype
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(value)}"]
     assert essa(argv) == 0
-    assert essa(["export", str(run), "--adapter", str(work / f"adapter-{quantization}"), "--center", "final"]) == 0
+    assert essa(["export", str(run), "--adapter", str(adapter), "--center", "final"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     loaded = load_run(run, "final")
-    recipe, space, center = loaded.recipe, loaded.space, loaded.center
+    recipe, space = loaded.recipe, loaded.space
     model, tokenizer = load_model(recipe.model)
     _, heldout = load_splits(recipe.data, recipe.run.seed)
     prompts = render(tokenizer, heldout.prompts(), recipe.data)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
     engine = HFEngine(model, tokenizer, space, 32, 256)
-    members = torch.randn(3, space.dim, generator=torch.Generator().manual_seed(0)) * recipe.strategy.sigma
-    population = engine.generate(torch.cat([torch.as_tensor(center)[None].float(), members]), prompts).completions
-    engine.close()
-
-    exported = PeftModel.from_pretrained(model, str(work / f"adapter-{quantization}")).eval()
-    center_agreement = agreement(greedy(exported, tokenizer, prompts, 32), population[0])
-    exported.unload()
 
     torch_dtype = getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, device_map={"": "cuda"},
                                                 quantization_config=quantization_config(quantization, torch_dtype))
-    config = LoraConfig(r=space.rank, lora_alpha=space.rank, target_modules=recipe.lora.target_modules)
-    lora = get_peft_model(base, config)
-    member_agreement = []
-    for member, candidate in enumerate(members, start=1):
-        state = {f"base_model.model.{name}.lora_{part}.weight": w.to(torch_dtype)
+    exported = PeftModel.from_pretrained(base, str(adapter)).eval()
+    center = next_token_agreement(model, engine, torch.as_tensor(loaded.center), exported, batch)
+
+    members = torch.randn(3, space.dim, generator=torch.Generator().manual_seed(0)) * recipe.strategy.sigma
+    member_scores = []
+    for candidate in members:
+        state = {f"base_model.model.{name}.lora_{part}.weight": w
                  for name, (a, b) in space.lora_weights(candidate).items() for part, w in (("A", a), ("B", b))}
-        set_peft_model_state_dict(lora, state)
-        member_agreement.append(agreement(greedy(lora.eval(), tokenizer, prompts, 32), population[member]))
+        set_peft_model_state_dict(exported, state)
+        member_scores.append(next_token_agreement(model, engine, candidate, exported, batch))
+    engine.close()
     steps = rows[1:]
     return {"quantization": quantization,
             "seconds_per_iteration": sum(r["seconds_generate"] + r["seconds_score"] + r["seconds_update"]
                                          for r in steps) / len(steps),
             "tokens_per_s": sum(r["tokens_per_s"] for r in steps) / len(steps),
             "peak_memory_mb": rows[-1]["peak_memory_mb"],
-            "exported_adapter_vs_center": center_agreement,
-            "members_vs_peft": sum(member_agreement) / len(member_agreement)}
+            "exported_adapter_vs_center_top1": center[0], "exported_adapter_vs_center_max_rel_diff": center[1],
+            "members_vs_peft_top1": min(t for t, _ in member_scores),
+            "members_vs_peft_max_rel_diff": max(d for _, d in member_scores)}
 
 
 def cli() -> None:
@@ -114,12 +116,14 @@ def cli() -> None:
         build_model(args.tokenizer, work / "model", args.hidden, args.layers)
         results = [check(work / "model", work, q, args.iterations, args.dtype) for q in args.quantizations.split(",")]
     print(f"device: {torch.cuda.get_device_name()}, model: random Llama hidden {args.hidden} × {args.layers} layers, "
-          f"{args.dtype}; agreement = share of held-out prompts with identical greedy text")
+          f"{args.dtype}; top1 = share of prompt positions whose next token agrees, diff = max |Δlogit| / std(logits)")
     print(f"{'quantization':<13}{'s/iteration':>12}{'tokens/s':>10}{'peak MiB':>10}"
-          f"{'export=center':>15}{'member=peft':>13}")
+          f"{'export top1':>13}{'export diff':>13}{'member top1':>13}{'member diff':>13}")
     for r in results:
         print(f"{r['quantization']:<13}{r['seconds_per_iteration']:>12.2f}{r['tokens_per_s']:>10.0f}"
-              f"{r['peak_memory_mb']:>10.0f}{r['exported_adapter_vs_center']:>15.2f}{r['members_vs_peft']:>13.2f}")
+              f"{r['peak_memory_mb']:>10.0f}{r['exported_adapter_vs_center_top1']:>13.4f}"
+              f"{r['exported_adapter_vs_center_max_rel_diff']:>13.2e}{r['members_vs_peft_top1']:>13.4f}"
+              f"{r['members_vs_peft_max_rel_diff']:>13.2e}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
