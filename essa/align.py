@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from essa import checkpoint
 from essa.data import Dataset, load_splits, minibatch, render
 from essa.engines import HFEngine
+from essa.engines.vllm import VLLMEngine, check_supported, memory_args
 from essa.errors import EssaError
 from essa.metrics import MetricsLog, peak_memory_mb, plot
-from essa.models import load_model
+from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import Recipe
 from essa.scoring import Scorer
 from essa.strategies import ES, ESState, make_strategy
@@ -42,13 +45,14 @@ def evaluate(engine: HFEngine, center: np.ndarray, prompts: list[str], data: Dat
     return float(scores.mean()), failures
 
 
-def load_space(run_dir: Path, recipe: Recipe, model) -> SVDSpace:
+def load_space(run_dir: Path, recipe: Recipe, model: Callable[[], PreTrainedModel]) -> SVDSpace:
     """The frozen factors are saved once per run, so a resume or an export uses exactly the same space."""
     path = run_dir / SPACE_FILE
     if path.exists():
         return SVDSpace.load(path)
     lora = recipe.lora
-    space = build_space(model, lora.rank, lora.alpha, lora.target_modules, lora.adapter, recipe.svd.trainable_fraction)
+    space = build_space(model(), lora.rank, lora.alpha, lora.target_modules, lora.adapter,
+                        recipe.svd.trainable_fraction)
     space.save(path)
     return space
 
@@ -58,8 +62,8 @@ class Parts:
     """What one run evaluates with: built once from the recipe."""
 
     recipe: Recipe
-    engine: HFEngine
-    tokenizer: object
+    engine: HFEngine | VLLMEngine
+    tokenizer: PreTrainedTokenizerBase
     train: Dataset
     heldout: Dataset
     heldout_prompts: list[str]
@@ -69,10 +73,30 @@ class Parts:
         return evaluate(self.engine, center, self.heldout_prompts, self.heldout, self.scorer)
 
 
-def build_parts(recipe: Recipe, run_dir: Path) -> Parts:
+def hf_engine(recipe: Recipe, run_dir: Path) -> tuple[HFEngine, PreTrainedTokenizerBase]:
     model, tokenizer = load_model(recipe.model)
-    space = load_space(run_dir, recipe, model)
-    engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows)
+    space = load_space(run_dir, recipe, lambda: model)
+    return HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows), tokenizer
+
+
+def vllm_engine(recipe: Recipe, run_dir: Path) -> tuple[VLLMEngine, PreTrainedTokenizerBase]:
+    device = resolve_device(recipe.model.device)
+    check_supported(recipe.model.quantization, device)
+    # The transformers model only serves to derive the SVD space (vLLM loads its own copy).
+    cpu_model = replace(recipe.model, quantization="none", device="cpu")
+    space = load_space(run_dir, recipe, lambda: load_model(cpu_model)[0])
+    source = resolve_source(recipe.model.name_or_path)
+    cfg = recipe.vllm
+    engine = VLLMEngine(source, space, recipe.generation.max_new_tokens,
+                        resolve_dtype(recipe.model.dtype, device), recipe.model.quantization,
+                        cfg.max_loras or recipe.strategy.population,
+                        memory_args(cfg.kv_cache_gb, cfg.gpu_memory_utilization, device), cfg.max_model_len,
+                        recipe.run.seed)
+    return engine, load_tokenizer(source)
+
+
+def build_parts(recipe: Recipe, run_dir: Path) -> Parts:
+    engine, tokenizer = (vllm_engine if recipe.run.engine == "vllm" else hf_engine)(recipe, run_dir)
     train, heldout = load_splits(recipe.data, recipe.run.seed)
     return Parts(recipe, engine, tokenizer, train, heldout, render(tokenizer, heldout.prompts(), recipe.data),
                  Scorer.from_name(recipe.reward.name))
@@ -92,7 +116,8 @@ def es_step(parts: Parts, strategy: ES, state: ESState) -> tuple[ESState, dict]:
     row = {"iteration": state.iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
            "reward_max": float(rewards.max()), "reward_failures": sum(f for _, f in scored),
            "generated_tokens": gen.tokens, "tokens_per_s": gen.tokens / gen.seconds,
-           "seconds_generate": t1 - t0, "seconds_score": t2 - t1, "seconds_update": time.perf_counter() - t2}
+           "seconds_generate": t1 - t0, "seconds_score": t2 - t1, "seconds_update": time.perf_counter() - t2,
+           **gen.phases}
     return state, row
 
 
@@ -145,7 +170,7 @@ def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Conso
 
     with console.status("loading model and building the SVD space..."):
         parts = build_parts(recipe, run_dir)
-    space = parts.engine.lora.space
+    space = parts.engine.space
     strategy = make_strategy(recipe.strategy, space.dim, run.seed)
     console.print(f"search space: {len(space.modules)} modules, rank {space.rank}, {space.dim} trainable singular "
                   f"values; population {recipe.strategy.population} × "

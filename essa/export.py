@@ -9,10 +9,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from peft import LoraConfig
-from safetensors.torch import save_file
 
 from essa import checkpoint
+from essa.adapter_files import write_peft_adapter
 from essa.align import RECIPE_FILE, SPACE_FILE
 from essa.errors import EssaError
 from essa.models import load_model, resolve_source
@@ -46,28 +45,9 @@ def load_run(run_dir: Path, which: Which) -> Run:
     return Run(recipe, space, ckpt.arrays["strategy.center"], f"final center: iteration {ckpt.iteration}")
 
 
-def write_adapter(space: SVDSpace, center: np.ndarray, base_model: str, out: Path) -> None:
-    """A plain LoRA adapter (no DoRA, no bias) that peft and vLLM load."""
-    scalings = {m.scaling for m in space.modules}
-    ranks = {len(m.a.s) for m in space.modules}
-    if len(scalings) != 1 or len(ranks) != 1:
-        raise EssaError("export: modules with different ranks or scalings cannot share one adapter_config")
-    rank = ranks.pop()
-    out.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(r=rank, lora_alpha=scalings.pop() * rank, lora_dropout=0.0, bias="none",
-                        task_type="CAUSAL_LM", base_model_name_or_path=base_model,
-                        target_modules=sorted({m.name.rsplit(".", 1)[-1] for m in space.modules}))
-    config.save_pretrained(str(out))
-    tensors = {}
-    for name, (a, b) in space.lora_weights(torch.as_tensor(center)).items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
 def export_adapter(run_dir: Path, out: Path, which: Which = "best") -> str:
     run = load_run(run_dir, which)
-    write_adapter(run.space, run.center, resolve_source(run.recipe.model.name_or_path), out)
+    write_peft_adapter(run.space, run.center, resolve_source(run.recipe.model.name_or_path), out)
     return run.description
 
 

@@ -96,8 +96,16 @@ class RunSection:
     iterations: int = positive(20)
     seed: int = non_negative(0)
     eval_every: int = positive(5)
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "vllm"] = "hf"
     keep_checkpoints: int = positive(2)
+
+
+@dataclass(frozen=True)
+class VLLMSection:
+    max_loras: int = non_negative(0)
+    kv_cache_gb: float = non_negative(0.0)
+    gpu_memory_utilization: float = _checked(0.85, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    max_model_len: int = positive(2048)
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,7 @@ class Recipe:
     reward: RewardSection = field(default_factory=RewardSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
     run: RunSection = field(default_factory=RunSection)
+    vllm: VLLMSection = field(default_factory=VLLMSection)
     source: str = field(default="<defaults>", compare=False)
 
 

@@ -27,6 +27,7 @@ from peft.utils.integrations import dequantize_module_weight
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from essa.adapter_files import read_peft_adapter
 from essa.errors import EssaError
 
 
@@ -145,23 +146,6 @@ class SVDSpace:
         modules = [ModuleFactors(name, *(Factor(*(t[f"{name}.{f}.{k}"] for k in ("U", "s", "V"))) for f in ("a", "b")),
                                  scaling) for name, scaling in json.loads(meta["modules"])]
         return cls(modules, float(meta["trainable_fraction"]))
-
-
-def read_peft_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
-    """(adapter_config, {module name: (lora_A, lora_B)}) from a PEFT adapter directory."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    weights_file = adapter_dir / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        raise EssaError(f"lora.adapter: {adapter_dir} has no adapter_model.safetensors")
-    tensors = load_file(str(weights_file))
-    pairs: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in key:
-                name = key.split(marker)[0].removeprefix("base_model.model.")
-                pairs.setdefault(name, {})[part] = value.float()
-    return config, {name: (p["lora_A"], p["lora_B"]) for name, p in pairs.items()}
 
 
 def build_space(model: nn.Module, rank: int, alpha: float, target_modules: list[str],

@@ -14,7 +14,7 @@ costs about as much as the same number of sequences of plain batched inference.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,7 @@ class Generation:
     completions: list[list[str]]  # [candidate][prompt]
     tokens: int                   # generated tokens, up to and including each row's end token
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)  # engine-specific timings, in seconds
 
 
 def lora_compute_dtype(model: PreTrainedModel) -> torch.dtype:
@@ -94,9 +95,10 @@ class HFEngine:
     """Evaluate populations of candidates with one batched `generate` per chunk of rows."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
-                 max_new_tokens: int, batch_rows: int) -> None:
-        self.model, self.tokenizer = model, tokenizer
+                 max_new_tokens: int, batch_rows: int, ignore_eos: bool = False) -> None:
+        self.model, self.tokenizer, self.space = model, tokenizer, space
         self.max_new_tokens, self.batch_rows = max_new_tokens, batch_rows
+        self.min_new_tokens = max_new_tokens if ignore_eos else None  # fixed-length generations, for benchmarks
         self.lora = PopulationLoRA(model, space, lora_compute_dtype(model))
         eos = model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
@@ -113,7 +115,8 @@ class HFEngine:
             self.lora.set_rows(candidates, torch.tensor([m for m, _ in chunk]))
             batch = self.tokenizer([prompts[j] for _, j in chunk], return_tensors="pt", padding=True,
                                    add_special_tokens=False).to(self.lora.device)
-            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens,
+                                      min_new_tokens=self.min_new_tokens, do_sample=False,
                                       temperature=None, top_p=None, top_k=None,
                                       pad_token_id=self.tokenizer.pad_token_id)
             new = out[:, batch["input_ids"].shape[1]:].cpu()

@@ -1,0 +1,54 @@
+"""PEFT LoRA adapter files: reading an adapter's factors, writing a candidate as an adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from essa.errors import EssaError
+
+if TYPE_CHECKING:
+    from essa.svd import SVDSpace
+
+
+def read_peft_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
+    """(adapter_config, {module name: (lora_A, lora_B)}) from a PEFT adapter directory."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise EssaError(f"lora.adapter: {adapter_dir} has no adapter_model.safetensors")
+    tensors = load_file(str(weights_file))
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                name = key.split(marker)[0].removeprefix("base_model.model.")
+                pairs.setdefault(name, {})[part] = value.float()
+    return config, {name: (p["lora_A"], p["lora_B"]) for name, p in pairs.items()}
+
+
+def write_peft_adapter(space: "SVDSpace", center: np.ndarray, base_model: str, out: Path) -> None:
+    """A plain LoRA adapter (no DoRA, no bias) that peft and vLLM load."""
+    scalings = {m.scaling for m in space.modules}
+    ranks = {len(m.a.s) for m in space.modules}
+    if len(scalings) != 1 or len(ranks) != 1:
+        raise EssaError("export: modules with different ranks or scalings cannot share one adapter_config")
+    rank = ranks.pop()
+    out.mkdir(parents=True, exist_ok=True)
+    config = LoraConfig(r=rank, lora_alpha=scalings.pop() * rank, lora_dropout=0.0, bias="none",
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+                        target_modules=sorted({m.name.rsplit(".", 1)[-1] for m in space.modules}))
+    config.save_pretrained(str(out))
+    tensors = {}
+    for name, (a, b) in space.lora_weights(torch.as_tensor(center)).items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
