@@ -159,7 +159,7 @@ def report(run_dir: Path, recipe: Recipe, rows: list[dict], best: Best, baseline
 
 
 def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Console) -> dict:
-    ckpt_root, metrics, run = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl"), recipe.run
+    ckpt_root = run_dir / "checkpoints"
     if not resume and ckpt_root.exists() and any(ckpt_root.glob("iter-*")):
         raise EssaError(f"--out: {run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +170,16 @@ def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Conso
 
     with console.status("loading model and building the SVD space..."):
         parts = build_parts(recipe, run_dir)
+    try:
+        return evolve(parts, run_dir, resume, started, console)
+    finally:
+        parts.engine.close()  # also on Ctrl-C: the vLLM engine removes its scratch adapters
+
+
+def evolve(parts: Parts, run_dir: Path, resume: bool, started: float, console: Console) -> dict:
+    """Restore or start, then iterate to run.iterations, checkpointing after every iteration."""
+    recipe, run = parts.recipe, parts.recipe.run
+    ckpt_root, metrics = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl")
     space = parts.engine.space
     strategy = make_strategy(recipe.strategy, space.dim, run.seed)
     console.print(f"search space: {len(space.modules)} modules, rank {space.rank}, {space.dim} trainable singular "
@@ -210,7 +220,5 @@ def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Conso
             save_checkpoint(ckpt_root, state, best, baseline, run.keep_checkpoints)
             progress.update(task, completed=state.iteration, stats=stats)
 
-    summary = report(run_dir, recipe, metrics.read(), best, baseline, state.iteration,
-                     time.perf_counter() - started, console)
-    parts.engine.close()
-    return summary
+    return report(run_dir, recipe, metrics.read(), best, baseline, state.iteration,
+                  time.perf_counter() - started, console)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -16,7 +18,7 @@ from vllm.lora.request import LoRARequest  # noqa: E402
 from essa.cli import main  # noqa: E402
 from essa.data import load_splits, render  # noqa: E402
 from essa.engines import HFEngine  # noqa: E402
-from essa.engines.vllm import VLLMEngine, lora_rank_for_vllm, memory_args  # noqa: E402
+from essa.engines.vllm import VLLMEngine, lora_rank_for_vllm, memory_args, scratch_root  # noqa: E402
 from essa.models import load_model, resolve_source  # noqa: E402
 from essa.recipe import DataSection, ModelSection  # noqa: E402
 from essa.svd import build_space  # noqa: E402
@@ -98,6 +100,24 @@ def test_cli_run_with_vllm_engine_then_no_leftovers(tmp_path):
     after = {p.name for p in os.scandir("/dev/shm")} if os.path.isdir("/dev/shm") else set()
     assert not [n for n in after - before if n.startswith("essa-")], "scratch adapters left behind"
     assert psutil.Process().children(recursive=True) == []
+
+
+def test_ctrl_c_keeps_checkpoints_and_removes_scratch_adapters(tmp_path):
+    run = tmp_path / "interrupted"
+    argv = [sys.executable, "-m", "essa", "align", "--out", str(run)]
+    for item in ["run.engine=vllm", "model.quantization=none", "run.iterations=50", "strategy.population=4",
+                 "data.prompts_per_iteration=2", "data.heldout_size=2", "generation.max_new_tokens=8"]:
+        argv += ["--set", item]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not (run / "checkpoints" / "iter-000001").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "--resume" in out
+    assert not list(scratch_root().glob(f"essa-adapters-{proc.pid}-*"))
+    assert (run / "checkpoints" / "iter-000001" / "state.safetensors").is_file()
 
 
 def test_unsupported_quantization_fails_before_loading(tmp_path, capsys):

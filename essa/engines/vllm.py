@@ -66,6 +66,26 @@ def scratch_root() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_scratch() -> Path:
+    """A fresh scratch directory named after this process; those of killed processes are removed."""
+    root = scratch_root()
+    for stale in root.glob("essa-adapters-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"essa-adapters-{os.getpid()}-", dir=root))
+
+
 class VLLMEngine:
     """Evaluate populations as hot-swapped LoRA adapters in one vLLM `generate` per chunk."""
 
@@ -78,7 +98,7 @@ class VLLMEngine:
 
 
         self.space, self.source, self.max_loras = space, source, max_loras
-        self.scratch = Path(tempfile.mkdtemp(prefix="essa-adapters-", dir=scratch_root()))
+        self.scratch = make_scratch()
         self.ids = itertools.count(1)
         # ignore_eos gives fixed-length generations, for benchmarks.
         self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=ignore_eos)
