@@ -98,8 +98,9 @@ def vllm_engine(recipe: Recipe, run_dir: Path) -> tuple[VLLMEngine, PreTrainedTo
 def build_parts(recipe: Recipe, run_dir: Path) -> Parts:
     engine, tokenizer = (vllm_engine if recipe.run.engine == "vllm" else hf_engine)(recipe, run_dir)
     train, heldout = load_splits(recipe.data, recipe.run.seed)
+    reward = recipe.reward
     return Parts(recipe, engine, tokenizer, train, heldout, render(tokenizer, heldout.prompts(), recipe.data),
-                 Scorer.from_name(recipe.reward.name))
+                 Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s))
 
 
 def es_step(parts: Parts, strategy: ES, state: ESState) -> tuple[ESState, dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -82,7 +83,10 @@ class DataSection:
 
 @dataclass(frozen=True)
 class RewardSection:
-    name: str = "format-instructions"
+    name: str | list[str] = "format-instructions"
+    weights: list[float] = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
+    timeout_s: float = positive(60.0)
 
 
 @dataclass(frozen=True)
@@ -126,19 +130,25 @@ SECTIONS: dict[str, type] = {name: tp for name, tp in typing.get_type_hints(Reci
 
 
 def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return "a list of strings"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    if origin is types.UnionType:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return {str: "a list of strings", float: "a list of numbers"}[typing.get_args(tp)[0]]
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            dict: "a table"}.get(tp, str(tp))
 
 
 def _matches(tp: Any, value: Any) -> bool:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return value in typing.get_args(tp)
+    if origin is types.UnionType:
+        return any(_matches(a, value) for a in typing.get_args(tp))
     if origin is list:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return isinstance(value, list) and all(_matches(typing.get_args(tp)[0], v) for v in value)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -162,7 +172,7 @@ def _build_section(cls: type, name: str, raw: Any, source: str) -> Any:
         check = fields[key].metadata.get("check")
         if check and not check[0](value):
             raise RecipeError(source, dotted, f"expected {check[1]}, got {value!r}")
-        values[key] = float(value) if tp is float else value
+        values[key] = float(value) if tp is float else [float(v) for v in value] if tp == list[float] else value
     return cls(**values)
 
 

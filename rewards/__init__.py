@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rewards import format_instructions
+from rewards import countdown, format_instructions, gsm8k
 
 RewardFn = Callable[..., list]
 
 REGISTRY: dict[str, RewardFn] = {
+    "countdown": countdown.reward,
     "format-instructions": format_instructions.reward,
+    "gsm8k": gsm8k.reward,
 }

@@ -8,7 +8,7 @@ from essa.data import load_splits, minibatch, render
 from essa.errors import EssaError
 from essa.models import load_tokenizer
 from essa.recipe import DataSection
-from essa.scoring import Scorer
+from essa.scoring import Scorer, load_reward
 from rewards import format_instructions as fi
 
 
@@ -76,10 +76,10 @@ def test_render_uses_the_chat_template_and_system_prompt(smollm2_dir):
 
 
 def test_scorer_counts_failures_and_unknown_rewards_are_errors():
-    scorer = Scorer("t", lambda prompts, completions, **_: [1.0, None, math.nan, math.inf])
+    scorer = Scorer("t", [(lambda prompts, completions, **_: [1.0, None, math.nan, math.inf], 1.0)])
     scores, failures = scorer(["p"] * 4, ["c"] * 4, {})
     assert scores.tolist() == [1.0, 0.0, 0.0, 0.0] and failures == 3
-    wrong_length = Scorer("t", lambda prompts, completions, **_: [1.0])
+    wrong_length = Scorer("t", [(lambda prompts, completions, **_: [1.0], 1.0)])
     assert wrong_length(["p"] * 2, ["c"] * 2, {})[1] == 2
     with pytest.raises(EssaError, match="unknown reward"):
-        Scorer.from_name("nope")
+        load_reward("nope")

@@ -83,3 +83,14 @@ def test_help_documents_every_option(capsys):
             main(argv)
         out = capsys.readouterr().out
         assert all(o in out for o in options)
+
+
+def test_reward_section_accepts_one_or_several_weighted_rewards(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[reward]\nname = ["gsm8k", "countdown"]\nweights = [1, 0.5]\nkwargs = { mode = "strict" }\n')
+    r = recipe.load(path)
+    assert r.reward.name == ["gsm8k", "countdown"] and r.reward.weights == [1.0, 0.5]
+    assert r.reward.kwargs == {"mode": "strict"}
+    path.write_text("[reward]\nname = 3\n")
+    with pytest.raises(RecipeError, match="expected a string or a list of strings, got 3"):
+        recipe.load(path)

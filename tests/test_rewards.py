@@ -1,0 +1,134 @@
+import time
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from essa.errors import EssaError
+from essa.scoring import Scorer, load_reward
+from rewards import countdown, gsm8k
+
+REFERENCE = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+
+
+@pytest.mark.parametrize("completion, strict, flexible", [
+    ("She sold 72 clips.\n#### 72", "72", "72"),
+    ("#### 1,200", "1,200", "1,200"),
+    ("The total is $1,234.", None, "$1,234."),
+    ("First 12, then 30, so the answer is 42", None, "42"),
+    ("So we get \\boxed{\\frac{1}{2}} and 7", None, "\\frac{1}{2}"),
+    ("no number here", None, None),
+    ("#### 5 and later #### 6", "5", "5"),
+])
+def test_extraction_follows_lm_eval_filters(completion, strict, flexible):
+    assert gsm8k.extract(completion, "strict") == strict
+    assert gsm8k.extract(completion, "flexible") == flexible
+
+
+def test_normalization_and_reward():
+    assert gsm8k.normalize("$1,234.") == "1234"
+    assert gsm8k.normalize(REFERENCE) == "72"
+    completions = ["The answer is 72.", "#### 72", "\\boxed{72}", "It is 71", "$72"]
+    assert gsm8k.reward([""] * 5, completions, [REFERENCE] * 5) == [1.0, 1.0, 1.0, 0.0, 1.0]
+    assert gsm8k.reward([""] * 2, ["The answer is 72.", "#### 72"], [REFERENCE] * 2, mode="strict") == [0.0, 1.0]
+
+
+def test_gsm8k_reward_on_real_references():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+    if not path.is_file():
+        pytest.skip("../shared/data is not beside the checkout")
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:200]]
+    answers = [r["answer"] for r in rows]
+    # The reference solution itself must score 1 under both filters.
+    assert gsm8k.reward([""] * 200, answers, answers, mode="strict") == [1.0] * 200
+    assert gsm8k.reward([""] * 200, answers, answers) == [1.0] * 200
+
+
+@pytest.mark.parametrize("text, value, used", [
+    ("(25 - 5) * 4 / 2", Fraction(40), [25, 5, 4, 2]),
+    ("3 × 4 − 2 ÷ 2", Fraction(11), [3, 4, 2, 2]),
+])
+def test_countdown_evaluates_arithmetic_exactly(text, value, used):
+    assert countdown.evaluate(text) == (value, used)
+
+
+@pytest.mark.parametrize("hostile", [
+    "__import__('os').system('touch /tmp/pwned')",
+    "9**9**9**9",
+    "2 ** 100000000",
+    "1 / 0",
+    "(1 - 1) / (2 - 2)",
+    "-3 + 5",
+    "open('/etc/passwd').read()",
+    "[x for x in range(10**9)]",
+    "1" * 500,
+    "(" * 150 + "1" + ")" * 150,
+    "lambda: 0",
+    "1e308 * 10",
+])
+def test_countdown_rejects_hostile_strings_without_running_them(hostile):
+    start = time.perf_counter()
+    with pytest.raises(countdown.Invalid):
+        countdown.evaluate(hostile)
+    assert time.perf_counter() - start < 1.0
+    assert countdown.score(f"<answer>{hostile}</answer>", [1, 2, 3], 6) == 0.0
+
+
+def test_countdown_scores():
+    numbers, target = [25, 5, 4, 2], 40
+    assert countdown.score("thinking...\n<answer>(25 - 5) * 4 / 2</answer>", numbers, target) == 1.0
+    assert countdown.score("<answer>(25 - 5) * 4 / 2 = 40</answer>", numbers, target) == 1.0
+    assert countdown.score("<answer>25 + 5 + 4 + 2</answer>", numbers, target) == 0.1
+    assert countdown.score("<answer>(25 - 5) * 2</answer>", numbers, target) == 0.0  # not every number used
+    assert countdown.score("<answer>(25 - 5) * 4 / 2 + 2</answer>", numbers, target) == 0.0  # 2 used twice
+    assert countdown.score("(25 - 5) * 4 / 2", numbers, target) == 1.0  # last line without tags
+
+
+def test_countdown_generator_makes_solvable_problems():
+    examples = countdown.generate_examples(20, seed=0)
+    assert examples == countdown.generate_examples(20, seed=0)
+    for ex in examples:
+        assert len(ex["numbers"]) == 4 and ex["target"] > 0 and str(ex["target"]) in ex["prompt"]
+
+
+def test_custom_rewards_from_a_file_and_a_module(tmp_path, monkeypatch):
+    (tmp_path / "my_reward.py").write_text(
+        "def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    fn = load_reward(f"{tmp_path / 'my_reward.py'}:length")
+    assert fn(["p"], ["abc"]) == [3.0]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_reward("my_reward:length")(["p"], ["ab"]) == [2.0]
+    with pytest.raises(EssaError, match="has no function 'nope'"):
+        load_reward("my_reward:nope")
+    with pytest.raises(EssaError, match="not found"):
+        load_reward("missing.py:f")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('bad module')\n")
+    with pytest.raises(EssaError, match="cannot import .*RuntimeError: bad module"):
+        load_reward(f"{tmp_path / 'broken.py'}:f")
+
+
+def test_weighted_combination_kwargs_and_timeout():
+    def one(prompts, completions, **_):
+        return [1.0] * len(completions)
+
+    def scaled(prompts, completions, factor=1.0, **_):
+        return [factor] * len(completions)
+
+    scorer = Scorer("combo", [(one, 1.0), (scaled, 0.5)], kwargs={"factor": 4.0})
+    scores, failures = scorer(["p", "q"], ["a", "b"], {})
+    assert scores.tolist() == [3.0, 3.0] and failures == 0
+
+    def hangs(prompts, completions, **_):
+        time.sleep(3)
+        return [1.0] * len(completions)
+
+    slow = Scorer("slow", [(hangs, 1.0)], timeout_s=0.2)
+    start = time.perf_counter()
+    scores, failures = slow(["p"], ["a"], {})
+    assert time.perf_counter() - start < 2 and failures == 1 and np.array_equal(scores, [0.0])
+    assert slow(["p"], ["a"], {})[1] == 1  # still guarded after a timeout
+    with pytest.raises(EssaError, match="2 weights for 1 rewards"):
+        Scorer.from_recipe("gsm8k", [1.0, 2.0], {}, 1.0)
