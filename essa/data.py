@@ -1,8 +1,9 @@
-"""Prompt datasets: the built-in generator or a local JSONL file; train/held-out split; minibatches."""
+"""Prompt datasets: built-in generators, local files, hub datasets; train/held-out split; minibatches."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,15 @@ from transformers import PreTrainedTokenizerBase
 
 from essa.errors import EssaError
 from essa.recipe import DataSection
-from rewards import format_instructions
+from rewards import countdown, format_instructions
 
-GENERATORS = {"format-instructions"}
+# Hub datasets whose files ../shared/data (or $ESSA_DATA_DIR) may hold: (id, split) -> file.
+LOCAL_COPIES = {
+    ("openai/gsm8k", "train"): "gsm8k/train.jsonl",
+    ("openai/gsm8k", "test"): "gsm8k/test.jsonl",
+    ("google/IFEval", "train"): "ifeval/input_data.jsonl",
+}
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,12 @@ class Dataset:
         return Dataset([self.rows[i] for i in indices], self.prompt_field)
 
 
+def data_dirs() -> list[Path]:
+    """Where local copies of hub datasets are looked for, first match wins."""
+    dirs = [Path(os.environ["ESSA_DATA_DIR"])] if os.environ.get("ESSA_DATA_DIR") else []
+    return dirs + [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -50,28 +63,82 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_splits(cfg: DataSection, seed: int) -> tuple[Dataset, Dataset]:
-    """(train, held-out). Held-out prompts never appear in training minibatches."""
-    if cfg.source == "format-instructions":
-        topics = format_instructions.TOPICS
-        # Held-out prompts use topics never seen in training, so a gain is not memorization.
-        heldout_topics, train_topics = topics[::4], [t for i, t in enumerate(topics) if i % 4]
-        train = format_instructions.generate_examples(cfg.train_size, seed, train_topics)
-        heldout = format_instructions.generate_examples(cfg.heldout_size, seed + 1, heldout_topics)
-        return Dataset(train, "prompt"), Dataset(heldout, "prompt")
+def read_file(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix not in FILE_TYPES:
+        raise EssaError(f"data.source: {path} is not one of {', '.join(FILE_TYPES)}")
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train"))
+    except Exception as err:  # malformed file: one line, not a traceback
+        raise EssaError(f"data.source: cannot read {path} ({type(err).__name__}: {err})") from None
+
+
+def read_hub(name: str, config: str, split: str) -> list[dict[str, Any]]:
+    for root in data_dirs():
+        local = LOCAL_COPIES.get((name, split))
+        if local and (root / local).is_file():
+            return _read_jsonl(root / local)
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, config or None, split=split))
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise EssaError(f"data.source: cannot load hub dataset {name!r} (config {config!r}, split {split!r}): "
+                        f"{first}; offline? download it once and point data.source at a local "
+                        ".jsonl/.json/.parquet/.csv file") from None
+
+
+def read_rows(cfg: DataSection, split: str) -> list[dict[str, Any]]:
     path = Path(cfg.source).expanduser()
-    if not path.is_file():
-        raise EssaError(f"data.source: {cfg.source!r} is neither a built-in generator "
-                        f"({', '.join(sorted(GENERATORS))}) nor an existing .jsonl file")
-    rows = _read_jsonl(path)
-    missing = [i for i, r in enumerate(rows) if cfg.prompt_field not in r]
-    if missing:
-        raise EssaError(f"data.prompt_field: row {missing[0] + 1} of {path} has no field {cfg.prompt_field!r}")
-    if len(rows) <= cfg.heldout_size:
-        raise EssaError(f"data.heldout_size: {path} has {len(rows)} rows, need more than {cfg.heldout_size}")
+    if path.suffix in FILE_TYPES and not path.is_file():
+        raise EssaError(f"data.source: file {cfg.source!r} not found (nor a built-in generator: "
+                        f"{', '.join(sorted(GENERATORS))})")
+    rows = read_file(path) if path.is_file() else read_hub(cfg.source, cfg.config, split)
+    # data.columns maps a reward's argument name to the dataset column that feeds it.
+    rows = [{**row, **{arg: row[col] for arg, col in cfg.columns.items() if col in row}} for row in rows]
+    missing = next((i for i, r in enumerate(rows) if cfg.prompt_field not in r), None)
+    if missing is not None:
+        raise EssaError(f"data.prompt_field: row {missing + 1} of {cfg.source} has no field {cfg.prompt_field!r}")
+    return rows
+
+
+def format_instruction_splits(cfg: DataSection, seed: int) -> tuple[list[dict], list[dict]]:
+    topics = format_instructions.TOPICS
+    # Held-out prompts use topics never seen in training, so a gain is not memorization.
+    heldout_topics, train_topics = topics[::4], [t for i, t in enumerate(topics) if i % 4]
+    return (format_instructions.generate_examples(cfg.train_size, seed, train_topics),
+            format_instructions.generate_examples(cfg.heldout_size, seed + 1, heldout_topics))
+
+
+def countdown_splits(cfg: DataSection, seed: int) -> tuple[list[dict], list[dict]]:
+    rows = countdown.generate_examples(cfg.train_size + cfg.heldout_size, seed)
+    return rows[cfg.heldout_size:], rows[: cfg.heldout_size]
+
+
+GENERATORS = {"format-instructions": format_instruction_splits, "countdown": countdown_splits}
+
+
+def load_splits(cfg: DataSection, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, held-out), deterministic in the seed. Held-out prompts never appear in training."""
+    if cfg.source in GENERATORS:
+        train, heldout = GENERATORS[cfg.source](cfg, seed)
+        return Dataset(train, "prompt"), Dataset(heldout, "prompt")
+    rows = read_rows(cfg, cfg.split)
     random.Random(seed).shuffle(rows)
-    heldout, train = rows[: cfg.heldout_size], rows[cfg.heldout_size:][: cfg.train_size]
-    return Dataset(train, cfg.prompt_field), Dataset(heldout, cfg.prompt_field)
+    if cfg.heldout_split:
+        heldout = read_rows(cfg, cfg.heldout_split)
+        random.Random(seed + 1).shuffle(heldout)
+        heldout = heldout[: cfg.heldout_size]
+    else:
+        if len(rows) <= cfg.heldout_size:
+            raise EssaError(f"data.heldout_size: {cfg.source} has {len(rows)} rows, need more than "
+                            f"{cfg.heldout_size}")
+        heldout, rows = rows[: cfg.heldout_size], rows[cfg.heldout_size:]
+    return Dataset(rows[: cfg.train_size], cfg.prompt_field), Dataset(heldout, cfg.prompt_field)
 
 
 def minibatch(n_rows: int, size: int, seed: int, iteration: int) -> np.ndarray:

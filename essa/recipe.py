@@ -73,7 +73,11 @@ class StrategySection:
 @dataclass(frozen=True)
 class DataSection:
     source: str = "format-instructions"
+    config: str = ""
+    split: str = "train"
+    heldout_split: str = ""
     prompt_field: str = "prompt"
+    columns: dict = field(default_factory=dict)
     system_prompt: str = ""
     chat_template: bool = True
     train_size: int = positive(512)

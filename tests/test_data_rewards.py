@@ -61,7 +61,7 @@ def test_jsonl_source_split_and_errors(tmp_path):
     assert train.columns()["answer"] == [int(p[1:]) for p in train.prompts()]
     with pytest.raises(EssaError, match="data.prompt_field"):
         load_splits(DataSection(source=str(path), prompt_field="prompt", heldout_size=3), seed=0)
-    with pytest.raises(EssaError, match="neither a built-in generator"):
+    with pytest.raises(EssaError, match="not found"):
         load_splits(DataSection(source=str(tmp_path / "missing.jsonl")), seed=0)
     path.write_text('{"prompt": 1}\nnot json\n')
     with pytest.raises(EssaError, match=r"d.jsonl:2: not valid JSON"):
@@ -83,3 +83,51 @@ def test_scorer_counts_failures_and_unknown_rewards_are_errors():
     assert wrong_length(["p"] * 2, ["c"] * 2, {})[1] == 2
     with pytest.raises(EssaError, match="unknown reward"):
         load_reward("nope")
+
+
+def test_json_csv_parquet_sources_and_column_mapping(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"question": [f"q{i}" for i in range(6)], "solution": [f"#### {i}" for i in range(6)]})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(frame.to_json(orient="records"))
+    for name in ("d.csv", "d.parquet", "d.json"):
+        cfg = DataSection(source=str(tmp_path / name), prompt_field="question", heldout_size=2,
+                          columns={"answer": "solution"})
+        train, heldout = load_splits(cfg, seed=0)
+        assert len(train) == 4 and len(heldout) == 2, name
+        assert [f"#### {p[1:]}" for p in train.prompts()] == train.columns()["answer"], name
+
+
+def test_hub_gsm8k_reads_the_shared_copy_with_a_separate_heldout_split():
+    from essa.data import data_dirs
+
+    if not any((d / "gsm8k" / "test.jsonl").is_file() for d in data_dirs()):
+        pytest.skip("../shared/data is not beside the checkout")
+    cfg = DataSection(source="openai/gsm8k", config="main", split="train", heldout_split="test",
+                      prompt_field="question", train_size=100, heldout_size=20)
+    train, heldout = load_splits(cfg, seed=0)
+    assert len(train) == 100 and len(heldout) == 20
+    assert all(a.split("####")[-1].strip() for a in train.columns()["answer"])
+    assert not set(train.prompts()) & set(heldout.prompts())
+
+
+def test_unreachable_hub_dataset_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("from essa.data import load_splits; from essa.recipe import DataSection\n"
+            "from essa.errors import EssaError\n"
+            "try:\n    load_splits(DataSection(source='essa-test/no-such-dataset'), 0)\n"
+            "except EssaError as e:\n    print(e)\n")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert out.startswith("data.source: cannot load hub dataset 'essa-test/no-such-dataset'")
+    assert "offline? download it once and point data.source at a local" in out and out.count("\n") == 1
+
+
+def test_countdown_generator_source():
+    train, heldout = load_splits(DataSection(source="countdown", train_size=10, heldout_size=3), seed=0)
+    assert len(train) == 10 and len(heldout) == 3 and {"numbers", "target"} <= train.columns().keys()

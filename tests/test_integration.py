@@ -61,3 +61,17 @@ def test_int8_quickstart_iteration_and_merged_export(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
     assert model.dtype == torch.bfloat16
+
+
+def test_gsm8k_recipe_runs_small(tmp_path):
+    from essa.data import data_dirs
+
+    if not any((d / "gsm8k" / "test.jsonl").is_file() for d in data_dirs()):
+        pytest.skip("../shared/data is not beside the checkout")
+    run = tmp_path / "gsm8k"
+    argv = ["align", str(recipes.bundled("gsm8k-smollm2")), "--out", str(run)]
+    for item in SMALL + ["run.iterations=1", "generation.max_new_tokens=16"]:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["iteration"] == 1 and rows[-1]["reward_failures"] == 0
