@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rewards import countdown, format_instructions, gsm8k
+from rewards import countdown, format_instructions, gsm8k, ifeval
 
 RewardFn = Callable[..., list]
 
@@ -12,4 +12,5 @@ REGISTRY: dict[str, RewardFn] = {
     "countdown": countdown.reward,
     "format-instructions": format_instructions.reward,
     "gsm8k": gsm8k.reward,
+    "ifeval": ifeval.reward,
 }

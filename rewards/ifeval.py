@@ -1,0 +1,93 @@
+"""IFEval: the 25 instruction checkers of lm-eval (extra `ifeval`), strict and loose as in the reference.
+
+Two checkers need NLTK's punkt data (`length_constraints:number_sentences` counts sentences,
+`change_case:capital_word_frequency` tokenizes words). Offline, where punkt cannot be
+downloaded, essa evaluates those two with the same logic over a regex sentence splitter and
+word tokenizer instead, and warns once; every other checker is lm-eval's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from typing import Any
+
+PUNKT_CHECKERS = {"length_constraints:number_sentences", "change_case:capital_word_frequency"}
+SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]*[A-Z0-9])")
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_eval():
+    try:
+        from lm_eval.tasks.ifeval import instructions_registry, utils
+    except ImportError as err:
+        raise ImportError("the ifeval reward needs lm-eval: pip install -e \".[ifeval]\"") from err
+    return instructions_registry, utils
+
+
+@functools.lru_cache(maxsize=1)
+def punkt_available() -> bool:
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return True
+    except LookupError:
+        warnings.warn("NLTK punkt data is not installed (offline?): IFEval's number_sentences and "
+                      "capital_word_frequency use essa's regex sentence splitter and tokenizer instead", stacklevel=2)
+        return False
+
+
+def count_sentences(text: str) -> int:
+    return len([s for s in SENTENCE_END.split(text.strip()) if s.strip()])
+
+
+def _fallback_check(instruction, instruction_id: str, response: str) -> bool:
+    """lm-eval's logic for the two punkt checkers, over regex tokenization."""
+    args = instruction.get_instruction_args()
+    if instruction_id == "length_constraints:number_sentences":
+        count, limit, relation = count_sentences(response), args["num_sentences"], args["relation"]
+    else:
+        words = re.findall(r"\w+(?:'\w+)?|[^\w\s]", response)
+        count, limit, relation = sum(w.isupper() for w in words), args["capital_frequency"], args["capital_relation"]
+    return count < limit if relation == "less than" else count >= limit
+
+
+def _follows(instruction_id: str, kwargs: dict, prompt: str, response: str) -> bool:
+    registry, _ = _lm_eval()
+    instruction = registry.INSTRUCTION_DICT[instruction_id](instruction_id)
+    instruction.build_description(**{k: v for k, v in kwargs.items() if v})
+    args = instruction.get_instruction_args()
+    if args and "prompt" in args:
+        instruction.build_description(prompt=prompt)
+    if not response.strip():
+        return False
+    if instruction_id in PUNKT_CHECKERS and not punkt_available():
+        return _fallback_check(instruction, instruction_id, response)
+    return bool(instruction.check_following(response))
+
+
+def loose_variants(response: str) -> list[str]:
+    """The reference's loose mode: the response with its first/last line and/or '*' removed."""
+    lines = response.split("\n")
+    cut = [response, "\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    return cut + [r.replace("*", "") for r in cut]
+
+
+def verdicts(prompt: str, response: str, instruction_id_list: list[str], kwargs: list[dict],
+             loose: bool = False) -> list[bool]:
+    """Per instruction: followed or not, as IFEval's strict (or loose) evaluation decides."""
+    responses = loose_variants(response) if loose else [response]
+    return [any(_follows(i, kw or {}, prompt, r) for r in responses) for i, kw in zip(instruction_id_list, kwargs)]
+
+
+def reward(prompts: list[str], completions: list[str], instruction_id_list: list[list[str]],
+           kwargs: list[list[dict]], mode: str = "strict", per_prompt: str = "fraction", **_: Any) -> list[float]:
+    """Per prompt: the fraction of its instructions followed (`per_prompt="fraction"`) or 1 only
+    when all are (`"all"`), judged strictly or loosely (`mode`)."""
+    scores = []
+    for prompt, response, ids, kws in zip(prompts, completions, instruction_id_list, kwargs):
+        followed = verdicts(prompt, response, ids, kws, loose=mode == "loose")
+        scores.append(float(all(followed)) if per_prompt == "all" else sum(followed) / len(followed))
+    return scores

@@ -1,0 +1,50 @@
+"""The IFEval reward against the reference implementation's verdicts on its GPT-4 responses."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="the IFEval reward needs the ifeval extra (lm-eval)")
+
+from essa.data import data_dirs  # noqa: E402
+from rewards import ifeval  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reference() -> Path:
+    for root in data_dirs():
+        if (root / "ifeval" / "gpt4_responses.jsonl").is_file():
+            return root / "ifeval"
+    pytest.skip("../shared/data is not beside the checkout")
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("mode", ["strict", "loose"])
+def test_reproduces_the_reference_verdicts_row_by_row(reference, mode):
+    inputs = {r["prompt"]: r for r in load(reference / "input_data.jsonl")}
+    responses = {r["prompt"]: r["response"] for r in load(reference / "gpt4_responses.jsonl")}
+    rows = load(reference / f"gpt4_eval_results_{mode}.jsonl")
+    agree = sum(ifeval.verdicts(r["prompt"], responses[r["prompt"]], inputs[r["prompt"]]["instruction_id_list"],
+                                inputs[r["prompt"]]["kwargs"], loose=mode == "loose") == r["follow_instruction_list"]
+                for r in rows)
+    print(f"IFEval {mode}: {agree}/{len(rows)} rows agree with the reference")
+    assert len(rows) == 540 and agree / len(rows) >= 0.99
+
+
+def test_reward_modes():
+    ids, kwargs = [["change_case:english_lowercase", "punctuation:no_comma"]], [[{}, {}]]
+    assert ifeval.reward(["p"], ["all lowercase, but a comma"], ids, kwargs) == [0.5]
+    assert ifeval.reward(["p"], ["all lowercase, but a comma"], ids, kwargs, per_prompt="all") == [0.0]
+    assert ifeval.reward(["p"], ["fine and lowercase"], ids, kwargs, per_prompt="all") == [1.0]
+    assert ifeval.reward(["p"], ["Title line\nall lowercase"], [["change_case:english_lowercase"]], [[{}]],
+                         mode="loose") == [1.0]
+    assert ifeval.reward(["p"], [""], ids, kwargs) == [0.0]
+
+
+def test_sentence_fallback():
+    assert ifeval.count_sentences("One. Two! Three? \"Four.\" Five") == 5
+    assert ifeval.count_sentences("Mr. smith went home. He slept.") == 2
