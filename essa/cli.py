@@ -29,6 +29,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="continue the run in --out from its last valid checkpoint, with the recipe saved there "
                             "(--set still applies, e.g. to raise run.iterations)")
 
+    recipe = sub.add_parser("recipe", help="work with recipes without running them",
+                            description="Recipe tools. `essa recipe check RECIPE` validates a recipe.")
+    recipe_sub = recipe.add_subparsers(dest="recipe_command", required=True, metavar="SUBCOMMAND")
+    check = recipe_sub.add_parser("check", help="validate a recipe and print what it will do",
+                                  description="Validate a recipe without loading model weights; print the search "
+                                              "dimension, population, prompts per iteration and a memory estimate "
+                                              "(from the model's config, when it can be read).")
+    check.add_argument("recipe", type=Path, metavar="RECIPE", help="TOML recipe")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, as for `essa align`")
+
     export = sub.add_parser("export", help="write an evolved adapter as a PEFT adapter or a merged model",
                             description="Export the best (by held-out reward) or final center of a run.")
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an `essa align` run directory")
@@ -74,13 +85,38 @@ def _export(args: argparse.Namespace) -> None:
         print(f"wrote merged model to {args.merged} ({export_merged(args.run_dir, args.merged, args.center)})")
 
 
+def _recipe_check(args: argparse.Namespace) -> None:
+    import torch
+
+    from essa.plan import plan
+
+    recipe = recipes.load(args.recipe, args.overrides)
+    print(f"{args.recipe}: valid")
+    model = recipe.model
+    print(f"  model: {model.name_or_path} (quantization {model.quantization}, dtype {model.dtype}), "
+          f"engine {recipe.run.engine}, strategy {recipe.strategy.name}, reward {recipe.reward.name}")
+    device = "cuda" if recipe.model.device.startswith("cuda") or torch.cuda.is_available() else "cpu"
+    try:
+        p = plan(recipe, device)
+    except EssaError as err:
+        print(f"  search dimension and memory: not computed ({err})")
+        return
+    trainable = p.search_dim // (2 * p.modules)
+    print(f"  search dimension: {p.search_dim} ({p.modules} modules × 2 factors × {trainable} trainable "
+          "singular values)")
+    print(f"  population {p.population} × {p.prompts_per_iteration} prompts per iteration "
+          f"({p.rows_per_iteration} rows per generate call)")
+    print(f"  memory estimate on {device}: weights {p.weights_gb:.2f} GiB + KV cache {p.kv_cache_gb:.2f} GiB "
+          f"≈ {p.memory_gb:.2f} GiB (prompts of 256 tokens)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     try:
-        {"align": _align, "export": _export}[args.command](args)
+        {"align": _align, "export": _export, "recipe": _recipe_check}[args.command](args)
     except EssaError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

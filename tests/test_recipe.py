@@ -78,7 +78,8 @@ def test_docs_cover_every_recipe_key():
 
 def test_help_documents_every_option(capsys):
     for argv, options in [(["align", "--help"], ["--set", "--out", "--resume"]),
-                          (["export", "--help"], ["--adapter", "--merged", "--center"])]:
+                          (["export", "--help"], ["--adapter", "--merged", "--center"]),
+                          (["recipe", "check", "--help"], ["--set", "RECIPE"])]:
         with pytest.raises(SystemExit):
             main(argv)
         out = capsys.readouterr().out
@@ -94,3 +95,19 @@ def test_reward_section_accepts_one_or_several_weighted_rewards(tmp_path):
     path.write_text("[reward]\nname = 3\n")
     with pytest.raises(RecipeError, match="expected a string or a list of strings, got 3"):
         recipe.load(path)
+
+
+def test_recipe_check_prints_the_plan_without_loading_weights(capsys):
+    assert main(["recipe", "check", str(ROOT / "recipes" / "quickstart.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart.toml: valid" in out
+    assert "search dimension: 960 (120 modules × 2 factors × 4 trainable" in out
+    assert "population 8 × 8 prompts per iteration (64 rows per generate call)" in out
+    assert "memory estimate" in out
+
+
+def test_recipe_check_rejects_a_broken_recipe(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[lora]\nrnak = 4\n")
+    assert main(["recipe", "check", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}: lora.rnak: unknown key")

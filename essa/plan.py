@@ -1,0 +1,60 @@
+"""`essa recipe check`: what a recipe will do, from the model's config alone (no weights loaded)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from essa.errors import EssaError
+from essa.models import resolve_source
+from essa.recipe import Recipe
+from essa.svd import find_targets
+
+BYTES_PER_WEIGHT = {"none": None, "int8": 1.0, "nf4": 0.55, "fp4": 0.55}  # 4-bit: + absmax/blocks
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Plan:
+    modules: int
+    search_dim: int
+    population: int
+    prompts_per_iteration: int
+    rows_per_iteration: int
+    weights_gb: float
+    kv_cache_gb: float
+
+    @property
+    def memory_gb(self) -> float:
+        return self.weights_gb + self.kv_cache_gb
+
+
+def plan(recipe: Recipe, device_type: str = "cuda", prompt_tokens: int = 256) -> Plan:
+    """Search dimension and a memory estimate (weights + KV cache of one generate call)."""
+    source = resolve_source(recipe.model.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise EssaError(f"model.name_or_path: cannot read the config of {recipe.model.name_or_path!r} "
+                        f"({str(err).splitlines()[0]})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    targets = find_targets(model, recipe.lora.target_modules)
+    rank = recipe.lora.rank
+    trainable = max(1, math.ceil(recipe.svd.trainable_fraction * rank))
+    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    total = sum(p.numel() for p in model.parameters())
+    per_weight = BYTES_PER_WEIGHT[recipe.model.quantization] or DTYPE_BYTES[dtype]
+    weights = linear * per_weight + (total - linear) * DTYPE_BYTES[dtype]
+    rows = recipe.strategy.population * recipe.data.prompts_per_iteration
+    rows = min(rows, recipe.generation.batch_rows)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    tokens = prompt_tokens + recipe.generation.max_new_tokens
+    kv = rows * tokens * config.num_hidden_layers * 2 * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    return Plan(len(targets), len(targets) * 2 * trainable, recipe.strategy.population,
+                recipe.data.prompts_per_iteration, rows, weights / 2**30, kv / 2**30)
