@@ -40,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe key, as for `essa align`")
 
+    score = sub.add_parser("score", help="score existing completions with a reward",
+                           description="Score rows of a JSONL file (fields `prompt`, `response` and any dataset "
+                                       "columns the reward needs); write each row with its `reward` and print "
+                                       "aggregate metrics. With --reward ifeval, rows without instruction columns "
+                                       "take them from the IFEval prompt of the same text.")
+    score.add_argument("--reward", required=True, metavar="NAME",
+                       help="a built-in reward, package.module:function or path/to/file.py:function")
+    score.add_argument("--reward-kwargs", default="{}", metavar="JSON", help="keyword arguments for the reward")
+    score.add_argument("--input", required=True, type=Path, metavar="FILE", help="rows to score (.jsonl)")
+    score.add_argument("--output", required=True, type=Path, metavar="FILE", help="scored rows (.jsonl)")
+
     export = sub.add_parser("export", help="write an evolved adapter as a PEFT adapter or a merged model",
                             description="Export the best (by held-out reward) or final center of a run.")
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an `essa align` run directory")
@@ -110,13 +121,28 @@ def _recipe_check(args: argparse.Namespace) -> None:
           f"≈ {p.memory_gb:.2f} GiB (prompts of 256 tokens)")
 
 
+def _score(args: argparse.Namespace) -> None:
+    from essa.score import score_file
+
+    try:
+        kwargs = json.loads(args.reward_kwargs)
+    except json.JSONDecodeError as err:
+        raise EssaError(f"--reward-kwargs: not valid JSON ({err.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise EssaError("--reward-kwargs: expected a JSON object")
+    metrics = score_file(args.reward, kwargs, args.input, args.output)
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    print(f"wrote {args.output}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     try:
-        {"align": _align, "export": _export, "recipe": _recipe_check}[args.command](args)
+        {"align": _align, "export": _export, "recipe": _recipe_check, "score": _score}[args.command](args)
     except EssaError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

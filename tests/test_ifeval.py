@@ -48,3 +48,20 @@ def test_reward_modes():
 def test_sentence_fallback():
     assert ifeval.count_sentences("One. Two! Three? \"Four.\" Five") == 5
     assert ifeval.count_sentences("Mr. smith went home. He slept.") == 2
+
+
+def test_essa_score_on_the_gpt4_responses_matches_the_reference(reference, tmp_path, capsys):
+    from essa.cli import main
+
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", "--reward", "ifeval", "--input", str(reference / "gpt4_responses.jsonl"),
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "prompt_level_strict:" in printed and "instruction_level_loose:" in printed
+    scored = {r["prompt"]: r for r in load(out)}
+    assert len(scored) == 541 and sum(r["reward"] is None for r in scored.values()) == 1
+    for mode in ("strict", "loose"):
+        rows = load(reference / f"gpt4_eval_results_{mode}.jsonl")
+        agree = sum(scored[r["prompt"]][f"follow_instruction_list_{mode}"] == r["follow_instruction_list"]
+                    for r in rows)
+        assert agree / len(rows) >= 0.99, (mode, agree)

@@ -79,7 +79,8 @@ def test_docs_cover_every_recipe_key():
 def test_help_documents_every_option(capsys):
     for argv, options in [(["align", "--help"], ["--set", "--out", "--resume"]),
                           (["export", "--help"], ["--adapter", "--merged", "--center"]),
-                          (["recipe", "check", "--help"], ["--set", "RECIPE"])]:
+                          (["recipe", "check", "--help"], ["--set", "RECIPE"]),
+                          (["score", "--help"], ["--reward", "--reward-kwargs", "--input", "--output"])]:
         with pytest.raises(SystemExit):
             main(argv)
         out = capsys.readouterr().out

@@ -132,3 +132,24 @@ def test_weighted_combination_kwargs_and_timeout():
     assert slow(["p"], ["a"], {})[1] == 1  # still guarded after a timeout
     with pytest.raises(EssaError, match="2 weights for 1 rewards"):
         Scorer.from_recipe("gsm8k", [1.0, 2.0], {}, 1.0)
+
+
+def test_essa_score_writes_one_row_per_input_with_its_reward(tmp_path, capsys):
+    import json
+
+    from essa.cli import main
+
+    rows = [{"prompt": "q", "response": "so #### 72", "answer": REFERENCE},
+            {"prompt": "q", "response": "I think 5", "answer": REFERENCE}]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["score", "--reward", "gsm8k", "--reward-kwargs", '{"mode": "strict"}', "--input", str(source),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in out] == [1.0, 0.0] and out[0]["answer"] == REFERENCE
+    assert "reward_mean: 0.5000" in capsys.readouterr().out
+    assert main(["score", "--reward", "gsm8k", "--reward-kwargs", "{bad", "--input", str(source),
+                 "--output", str(tmp_path / "o.jsonl")]) == 2
+    source.write_text('{"prompt": "q"}\n')
+    assert main(["score", "--reward", "gsm8k", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "needs fields 'prompt' and 'response'" in capsys.readouterr().err
