@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from essa.errors import EssaError
 from essa.recipe import DataSection
-from rewards import countdown, format_instructions
+from rewards import countdown, format_instructions, ifeval
 
 # Hub datasets whose files ../shared/data (or $ESSA_DATA_DIR) may hold: (id, split) -> file.
 LOCAL_COPIES = {
@@ -119,11 +119,27 @@ def countdown_splits(cfg: DataSection, seed: int) -> tuple[list[dict], list[dict
     return rows[cfg.heldout_size:], rows[: cfg.heldout_size]
 
 
-GENERATORS = {"format-instructions": format_instruction_splits, "countdown": countdown_splits}
+def ifeval_splits(cfg: DataSection, seed: int) -> tuple[list[dict], list[dict]]:
+    rows = ifeval.generate_examples(cfg.train_size + cfg.heldout_size, seed)
+    return rows[cfg.heldout_size:], rows[: cfg.heldout_size]
+
+
+GENERATORS = {"format-instructions": format_instruction_splits, "countdown": countdown_splits,
+              "ifeval-generated": ifeval_splits}
 
 
 def load_splits(cfg: DataSection, seed: int) -> tuple[Dataset, Dataset]:
     """(train, held-out), deterministic in the seed. Held-out prompts never appear in training."""
+    if cfg.heldout_source:
+        # e.g. train on generated IFEval-style prompts, evaluate on the real IFEval prompts
+        train, _ = load_splits(replace(cfg, heldout_source=""), seed)
+        other = replace(cfg, source=cfg.heldout_source, heldout_source="", train_size=0)
+        if other.source in GENERATORS:
+            heldout = GENERATORS[other.source](other, seed)[1]
+        else:
+            heldout = read_rows(other, cfg.heldout_split or "train")
+            random.Random(seed + 1).shuffle(heldout)
+        return train, Dataset(heldout[: cfg.heldout_size], cfg.prompt_field)
     if cfg.source in GENERATORS:
         train, heldout = GENERATORS[cfg.source](cfg, seed)
         return Dataset(train, "prompt"), Dataset(heldout, "prompt")

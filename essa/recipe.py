@@ -76,6 +76,7 @@ class DataSection:
     config: str = ""
     split: str = "train"
     heldout_split: str = ""
+    heldout_source: str = ""
     prompt_field: str = "prompt"
     columns: dict = field(default_factory=dict)
     system_prompt: str = ""

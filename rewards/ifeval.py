@@ -9,6 +9,7 @@ word tokenizer instead, and warns once; every other checker is lm-eval's own.
 from __future__ import annotations
 
 import functools
+import random
 import re
 import warnings
 from typing import Any
@@ -91,3 +92,40 @@ def reward(prompts: list[str], completions: list[str], instruction_id_list: list
         followed = verdicts(prompt, response, ids, kws, loose=mode == "loose")
         scores.append(float(all(followed)) if per_prompt == "all" else sum(followed) / len(followed))
     return scores
+
+
+def _seeded_description(instruction, seed: int) -> tuple[str, dict]:
+    """lm-eval's own description with its own random choices, made reproducible by `seed`."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        text = instruction.build_description()
+        return text, instruction.get_instruction_args() or {}
+    finally:
+        random.setstate(state)
+
+
+def generate_examples(n: int, seed: int) -> list[dict[str, Any]]:
+    """IFEval-style training prompts: a task on one of essa's topics plus one to three
+    non-conflicting instructions, phrased and parameterized by lm-eval's checkers themselves,
+    with `instruction_id_list` and `kwargs` columns the `ifeval` reward accepts."""
+    from rewards.format_instructions import TASKS, TOPICS
+
+    registry, _ = _lm_eval()
+    pool = sorted(set(registry.INSTRUCTION_DICT) - {"combination:repeat_prompt"})  # needs the prompt itself
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        ids: list[str] = []
+        wanted = rng.choice([1, 2, 3])
+        for candidate in rng.sample(pool, len(pool)):
+            if len(ids) == wanted:
+                break
+            if not any(candidate in registry.INSTRUCTION_CONFLICTS.get(i, ()) or
+                       i in registry.INSTRUCTION_CONFLICTS.get(candidate, ()) for i in ids):
+                ids.append(candidate)
+        described = [_seeded_description(registry.INSTRUCTION_DICT[i](i), rng.randrange(2**32)) for i in ids]
+        task = rng.choice(TASKS).format(topic=rng.choice(TOPICS))
+        examples.append({"prompt": " ".join([task] + [text for text, _ in described]),
+                         "instruction_id_list": ids, "kwargs": [kwargs for _, kwargs in described]})
+    return examples

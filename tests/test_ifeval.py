@@ -65,3 +65,26 @@ def test_essa_score_on_the_gpt4_responses_matches_the_reference(reference, tmp_p
         agree = sum(scored[r["prompt"]][f"follow_instruction_list_{mode}"] == r["follow_instruction_list"]
                     for r in rows)
         assert agree / len(rows) >= 0.99, (mode, agree)
+
+
+def test_generated_prompts_are_deterministic_and_checkable():
+    rows = ifeval.generate_examples(40, seed=3)
+    assert rows == ifeval.generate_examples(40, seed=3)
+    assert all(1 <= len(r["instruction_id_list"]) <= 3 and len(r["kwargs"]) == len(r["instruction_id_list"])
+               for r in rows)
+    assert len({i for r in rows for i in r["instruction_id_list"]}) >= 15  # varied instructions
+    scores = ifeval.reward([r["prompt"] for r in rows], ["A plain answer."] * 40,
+                           [r["instruction_id_list"] for r in rows], [r["kwargs"] for r in rows])
+    assert all(0 <= s <= 1 for s in scores)
+
+
+def test_ifeval_recipe_trains_on_generated_prompts_and_holds_out_the_real_ones(reference):
+    from essa.data import load_splits
+    from essa.recipe import DataSection
+
+    cfg = DataSection(source="ifeval-generated", heldout_source="google/IFEval", train_size=50, heldout_size=541)
+    train, heldout = load_splits(cfg, seed=0)
+    real = {r["prompt"] for r in load(reference / "input_data.jsonl")}
+    assert len(train) == 50 and not set(train.prompts()) & real
+    assert len(heldout) == 541 and set(heldout.prompts()) == real
+    assert {"instruction_id_list", "kwargs"} <= heldout.columns().keys()
