@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rewards import countdown, format_instructions, gsm8k, ifeval
+from rewards import countdown, format_instructions, gsm8k, ifeval, math_answers
 
 RewardFn = Callable[..., list]
 
@@ -13,4 +13,5 @@ REGISTRY: dict[str, RewardFn] = {
     "format-instructions": format_instructions.reward,
     "gsm8k": gsm8k.reward,
     "ifeval": ifeval.reward,
+    "math": math_answers.reward,
 }

@@ -153,3 +153,15 @@ def test_essa_score_writes_one_row_per_input_with_its_reward(tmp_path, capsys):
     source.write_text('{"prompt": "q"}\n')
     assert main(["score", "--reward", "gsm8k", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "needs fields 'prompt' and 'response'" in capsys.readouterr().err
+
+
+def test_math_answers_are_verified_symbolically():
+    from rewards import math_answers
+
+    completions = ["So the result is $\\boxed{\\frac{1}{2}}$.", "The answer is \\boxed{0.5}", "\\boxed{2}",
+                   "no answer", "\\boxed{\\sqrt{2}/2}"]
+    answers = ["\\frac{1}{2}", "\\frac12", "3", "1", "\\frac{\\sqrt{2}}{2}"]
+    assert math_answers.reward([""] * 5, completions, answers) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    # It runs in essa's reward thread (math-verify's SIGALRM timeouts only work on the main thread).
+    scorer = Scorer("math", [(math_answers.reward, 1.0)])
+    assert scorer([""], ["\\boxed{4}"], {"answer": ["2+2"]})[0].tolist() == [1.0]
