@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+# Tests never download: fail fast instead of retrying the hub (set before transformers is imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from essa.models import load_tokenizer, resolve_source
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from essa.models import load_tokenizer, resolve_source  # noqa: E402
 
 PROMPTS = ["Write a haiku about rain.", "Name three colors.", "What is 2 + 2?"]
 
