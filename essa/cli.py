@@ -51,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--input", required=True, type=Path, metavar="FILE", help="rows to score (.jsonl)")
     score.add_argument("--output", required=True, type=Path, metavar="FILE", help="scored rows (.jsonl)")
 
+    evaluate = sub.add_parser("eval", help="compare the base model and an adapter on held-out prompts",
+                              description="Generate on the recipe's held-out prompts with the base model and, "
+                                          "with --adapter, the adapter (one batched generation); print a "
+                                          "side-by-side table (for IFEval: prompt/instruction level, strict/loose) "
+                                          "and write a JSON report with the metrics and completions.")
+    evaluate.add_argument("recipe", type=Path, metavar="RECIPE", help="TOML recipe (model, data, reward)")
+    evaluate.add_argument("--adapter", type=Path, metavar="DIR", help="a PEFT LoRA adapter, e.g. from essa export")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N held-out prompts")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a recipe key, as for `essa align`")
+    evaluate.add_argument("--report", type=Path, default=Path("eval-report.json"), metavar="FILE",
+                          help="where to write the JSON report (default: eval-report.json)")
+
     export = sub.add_parser("export", help="write an evolved adapter as a PEFT adapter or a merged model",
                             description="Export the best (by held-out reward) or final center of a run.")
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an `essa align` run directory")
@@ -136,13 +149,34 @@ def _score(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from essa.evaluate import evaluate, write_report
+
+    report = evaluate(recipes.load(args.recipe, args.overrides), args.adapter, args.limit)
+    write_report(report, args.report)
+    results = report["results"]
+    table = Table(title=f"essa eval: {report['prompts']} held-out prompts of {args.recipe}")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name)
+    for metric in next(iter(results.values())):
+        table.add_row(metric, *(f"{r[metric]:.4f}" if isinstance(r[metric], float) else str(r[metric])
+                                for r in results.values()))
+    Console().print(table)
+    print(f"wrote {args.report}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     try:
-        {"align": _align, "export": _export, "recipe": _recipe_check, "score": _score}[args.command](args)
+        {"align": _align, "export": _export, "recipe": _recipe_check, "score": _score,
+         "eval": _eval}[args.command](args)
     except EssaError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rewards import countdown, format_instructions, gsm8k, ifeval, math_answers
+from rewards import conciseness, countdown, format_instructions, gsm8k, ifeval, math_answers
 
 RewardFn = Callable[..., list]
 
 REGISTRY: dict[str, RewardFn] = {
+    "conciseness": conciseness.reward,
     "countdown": countdown.reward,
     "format-instructions": format_instructions.reward,
     "gsm8k": gsm8k.reward,

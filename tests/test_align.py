@@ -147,3 +147,26 @@ def test_exported_merged_model_loads_with_transformers(finished_run, tiny_model_
 def test_export_of_a_non_run_directory_fails_cleanly(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--adapter", str(tmp_path / "a")]) == 2
     assert "is it an `essa align` output" in capsys.readouterr().err
+
+
+def test_eval_compares_base_and_adapter_side_by_side(finished_run, tiny_model_dir, tiny_recipe, tmp_path, capsys):
+    adapter, report_path = tmp_path / "adapter", tmp_path / "report.json"
+    assert main(["export", str(finished_run), "--adapter", str(adapter), "--center", "final"]) == 0
+    recipe = tiny_recipe()
+    assert main(["eval", str(recipe), "--adapter", str(adapter), "--limit", "3", "--report", str(report_path)]) == 0
+    assert "essa eval" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert set(report["results"]) == {"base", "adapter"} and report["prompts"] == 3
+    assert {"reward_mean", "reward_failures"} <= report["results"]["base"].keys()
+    rows = report["completions"]
+    assert any(r["base"] != r["adapter"] for r in rows), "the adapter must change some output"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    from essa.data import load_splits, render
+    from essa.recipe import load
+
+    r = load(recipe)
+    _, heldout = load_splits(r.data, r.run.seed)
+    prompts = render(tokenizer, heldout.prompts()[:3], r.data)
+    assert [row["base"] for row in rows] == greedy(base, tokenizer, prompts, 6)  # base = zero delta, exactly
+    assert main(["eval", str(recipe), "--adapter", str(tmp_path / "none")]) == 2

@@ -80,7 +80,8 @@ def test_help_documents_every_option(capsys):
     for argv, options in [(["align", "--help"], ["--set", "--out", "--resume"]),
                           (["export", "--help"], ["--adapter", "--merged", "--center"]),
                           (["recipe", "check", "--help"], ["--set", "RECIPE"]),
-                          (["score", "--help"], ["--reward", "--reward-kwargs", "--input", "--output"])]:
+                          (["score", "--help"], ["--reward", "--reward-kwargs", "--input", "--output"]),
+                          (["eval", "--help"], ["--adapter", "--limit", "--set", "--report"])]:
         with pytest.raises(SystemExit):
             main(argv)
         out = capsys.readouterr().out

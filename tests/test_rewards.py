@@ -165,3 +165,11 @@ def test_math_answers_are_verified_symbolically():
     # It runs in essa's reward thread (math-verify's SIGALRM timeouts only work on the main thread).
     scorer = Scorer("math", [(math_answers.reward, 1.0)])
     assert scorer([""], ["\\boxed{4}"], {"answer": ["2+2"]})[0].tolist() == [1.0]
+
+
+def test_conciseness_rewards_correct_short_answers():
+    from rewards import conciseness
+
+    completions = ["Paris", "The capital of France is Paris, a city on the Seine.", "Lyon", ""]
+    scores = conciseness.reward([""] * 4, completions, ["Paris."] * 4)
+    assert scores[0] == 1.0 and 0 < scores[1] < 0.2 and scores[2] == 0.0 and scores[3] == 0.0

@@ -1,0 +1,64 @@
+"""`essa eval`: the base model and an adapter on a recipe's held-out prompts, side by side.
+
+Both are evaluated in one batched generation: with the adapter's factors as the search space
+(trainable fraction 1), the adapter is the zero offset and the base model is the offset that
+sets every singular value to 0 (a zero delta, exactly).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from essa.data import load_splits, render
+from essa.engines import HFEngine
+from essa.errors import EssaError
+from essa.models import load_model
+from essa.recipe import Recipe
+from essa.score import ifeval_metrics, ifeval_verdicts
+from essa.scoring import Scorer
+from essa.svd import SVDSpace, build_space
+
+
+def metrics_for(recipe: Recipe, rows: list[dict], completions: list[str], scorer: Scorer) -> dict[str, float]:
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != recipe.data.prompt_field}
+    prompts = [r[recipe.data.prompt_field] for r in rows]
+    scores, failures = scorer(prompts, completions, columns)
+    metrics = {"reward_mean": float(scores.mean()), "reward_failures": failures}
+    if recipe.reward.name == "ifeval":
+        verdicts = [ifeval_verdicts({"prompt": p, "response": c, **r}) for p, c, r in zip(prompts, completions, rows)]
+        metrics |= ifeval_metrics(verdicts)
+    return metrics
+
+
+def evaluate(recipe: Recipe, adapter: Path | None, limit: int | None) -> dict:
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise EssaError(f"--adapter: no PEFT adapter (adapter_config.json) in {adapter}")
+    model, tokenizer = load_model(recipe.model)
+    lora = recipe.lora
+    space = SVDSpace(build_space(model, lora.rank, lora.alpha, lora.target_modules, str(adapter or ""), 1.0).modules,
+                     1.0)
+    _, heldout = load_splits(recipe.data, recipe.run.seed)
+    rows = heldout.rows[:limit] if limit else heldout.rows
+    prompts = render(tokenizer, [r[recipe.data.prompt_field] for r in rows], recipe.data)
+    initial = torch.cat([torch.cat([m.a.s, m.b.s]) for m in space.modules])
+    candidates = torch.stack([-initial] + ([torch.zeros_like(initial)] if adapter else []))
+    engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows)
+    gen = engine.generate(candidates, prompts)
+    engine.close()
+    scorer = Scorer.from_recipe(recipe.reward.name, recipe.reward.weights, recipe.reward.kwargs,
+                                recipe.reward.timeout_s)
+    names = ["base"] + (["adapter"] if adapter else [])
+    report = {"recipe": recipe.source, "adapter": str(adapter) if adapter else None, "prompts": len(rows),
+              "results": {n: metrics_for(recipe, rows, c, scorer) for n, c in zip(names, gen.completions)},
+              "completions": [{"prompt": r[recipe.data.prompt_field], **dict(zip(names, outs))}
+                              for r, outs in zip(rows, zip(*gen.completions))]}
+    return report
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
