@@ -88,3 +88,11 @@ def test_ifeval_recipe_trains_on_generated_prompts_and_holds_out_the_real_ones(r
     assert len(train) == 50 and not set(train.prompts()) & real
     assert len(heldout) == 541 and set(heldout.prompts()) == real
     assert {"instruction_id_list", "kwargs"} <= heldout.columns().keys()
+
+
+def test_verdicts_are_reproducible_where_lm_eval_draws_random_arguments(reference):
+    row = next(r for r in load(reference / "input_data.jsonl") if r["key"] == 1122)  # letter '#': random letter
+    response = {r["prompt"]: r["response"] for r in load(reference / "gpt4_responses.jsonl")}[row["prompt"]]
+    runs = {tuple(ifeval.verdicts(row["prompt"], response, row["instruction_id_list"], row["kwargs"], loose=True))
+            for _ in range(10)}
+    assert len(runs) == 1
