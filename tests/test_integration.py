@@ -63,28 +63,17 @@ def test_int8_quickstart_iteration_and_merged_export(tmp_path):
     assert model.dtype == torch.bfloat16
 
 
-def test_gsm8k_recipe_runs_small(tmp_path):
+@pytest.mark.parametrize("name, needs", [("gsm8k-smollm2", "gsm8k/test.jsonl"),
+                                         ("ifeval-smollm2", "ifeval/input_data.jsonl")])
+def test_task_recipes_run_small(tmp_path, name, needs):
     from essa.data import data_dirs
 
-    if not any((d / "gsm8k" / "test.jsonl").is_file() for d in data_dirs()):
+    if name.startswith("ifeval"):
+        pytest.importorskip("lm_eval")
+    if not any((d / needs).is_file() for d in data_dirs()):
         pytest.skip("../shared/data is not beside the checkout")
-    run = tmp_path / "gsm8k"
-    argv = ["align", str(recipes.bundled("gsm8k-smollm2")), "--out", str(run)]
-    for item in SMALL + ["run.iterations=1", "generation.max_new_tokens=16"]:
-        argv += ["--set", item]
-    assert main(argv) == 0
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["iteration"] == 1 and rows[-1]["reward_failures"] == 0
-
-
-def test_ifeval_recipe_runs_small(tmp_path):
-    pytest.importorskip("lm_eval")
-    from essa.data import data_dirs
-
-    if not any((d / "ifeval" / "input_data.jsonl").is_file() for d in data_dirs()):
-        pytest.skip("../shared/data is not beside the checkout")
-    run = tmp_path / "ifeval"
-    argv = ["align", str(recipes.bundled("ifeval-smollm2")), "--out", str(run)]
+    run = tmp_path / name
+    argv = ["align", str(recipes.bundled(name)), "--out", str(run)]
     for item in SMALL + ["run.iterations=1", "generation.max_new_tokens=16"]:
         argv += ["--set", item]
     assert main(argv) == 0
