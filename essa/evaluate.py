@@ -21,6 +21,7 @@ from essa.recipe import Recipe
 from essa.score import ifeval_metrics, ifeval_verdicts
 from essa.scoring import Scorer
 from essa.svd import SVDSpace, build_space
+from rewards import gsm8k
 
 
 def metrics_for(recipe: Recipe, rows: list[dict], completions: list[str], scorer: Scorer) -> dict[str, float]:
@@ -28,7 +29,14 @@ def metrics_for(recipe: Recipe, rows: list[dict], completions: list[str], scorer
     prompts = [r[recipe.data.prompt_field] for r in rows]
     scores, failures = scorer(prompts, completions, columns)
     metrics = {"reward_mean": float(scores.mean()), "reward_failures": failures}
-    if recipe.reward.name == "ifeval":
+    if recipe.reward.name == "gsm8k" and "answer" in columns:
+        # lm-eval reports GSM8K under both of its filters; so does essa eval.
+        for mode in ("strict", "flexible"):
+            correct = gsm8k.reward(prompts, completions, columns["answer"], mode=mode)
+            metrics[f"accuracy_{mode}"] = float(np.mean(correct))
+    elif recipe.reward.name == "math":
+        metrics["accuracy"] = metrics["reward_mean"]
+    elif recipe.reward.name == "ifeval":
         verdicts = [ifeval_verdicts({"prompt": p, "response": c, **r}) for p, c, r in zip(prompts, completions, rows)]
         metrics |= ifeval_metrics(verdicts)
     return metrics

@@ -63,9 +63,11 @@ def test_int8_quickstart_iteration_and_merged_export(tmp_path):
     assert model.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name, needs", [("gsm8k-smollm2", "gsm8k/test.jsonl"),
-                                         ("ifeval-smollm2", "ifeval/input_data.jsonl")])
-def test_task_recipes_run_small(tmp_path, name, needs):
+@pytest.mark.parametrize("name, needs, metrics", [
+    ("gsm8k-smollm2", "gsm8k/test.jsonl", {"accuracy_strict", "accuracy_flexible"}),
+    ("ifeval-smollm2", "ifeval/input_data.jsonl", {"prompt_level_strict", "prompt_level_loose",
+                                                   "instruction_level_strict", "instruction_level_loose"})])
+def test_task_recipes_run_small_and_evaluate(tmp_path, name, needs, metrics):
     from essa.data import data_dirs
 
     if name.startswith("ifeval"):
@@ -79,3 +81,12 @@ def test_task_recipes_run_small(tmp_path, name, needs):
     assert main(argv) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["iteration"] == 1 and rows[-1]["reward_failures"] == 0
+
+    adapter, report_path = tmp_path / "adapter", tmp_path / "report.json"
+    assert main(["export", str(run), "--adapter", str(adapter)]) == 0
+    assert main(["eval", str(recipes.bundled(name)), "--adapter", str(adapter), "--limit", "3",
+                 "--set", "generation.max_new_tokens=16", "--report", str(report_path)]) == 0
+    results = json.loads(report_path.read_text())["results"]
+    for side in ("base", "adapter"):
+        assert metrics <= results[side].keys()
+        assert all(0 <= results[side][m] <= 1 for m in metrics)
