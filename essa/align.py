@@ -24,7 +24,7 @@ from essa.metrics import MetricsLog, peak_memory_mb, plot
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import Recipe
 from essa.scoring import Scorer
-from essa.strategies import ES, ESState, make_strategy
+from essa.strategies import State, Strategy, make_strategy
 from essa.svd import SVDSpace, build_space
 
 SPACE_FILE, RECIPE_FILE = "space.safetensors", "recipe.json"
@@ -103,39 +103,53 @@ def build_parts(recipe: Recipe, run_dir: Path) -> Parts:
                  Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s))
 
 
-def es_step(parts: Parts, strategy: ES, state: ESState) -> tuple[ESState, dict]:
-    """One iteration: the same minibatch for every candidate, one batched generation, score, tell."""
+def step(parts: Parts, strategy: Strategy, state: State) -> tuple[State, dict]:
+    """One iteration: the same minibatch for every candidate, batched generation, score, tell, until the
+    strategy has updated its center (one ask/tell for ES and CMA-ES, two for ESSAM)."""
     recipe, t0 = parts.recipe, time.perf_counter()
     batch = parts.train.subset(minibatch(len(parts.train), recipe.data.prompts_per_iteration, recipe.run.seed,
                                          state.iteration))
-    gen = parts.engine.generate(strategy.ask(state), render(parts.tokenizer, batch.prompts(), recipe.data))
-    t1 = time.perf_counter()
-    scored = [parts.scorer(batch.prompts(), completions, batch.columns()) for completions in gen.completions]
-    rewards = np.array([scores.mean() for scores, _ in scored])
-    t2 = time.perf_counter()
-    state = strategy.tell(state, rewards)
-    row = {"iteration": state.iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-           "reward_max": float(rewards.max()), "reward_failures": sum(f for _, f in scored),
-           "generated_tokens": gen.tokens, "tokens_per_s": gen.tokens / gen.seconds,
-           "seconds_generate": t1 - t0, "seconds_score": t2 - t1, "seconds_update": time.perf_counter() - t2,
-           **gen.phases}
+    prompts = render(parts.tokenizer, batch.prompts(), recipe.data)
+    rewards, failures, tokens, gen_seconds, score_seconds, phases = [], 0, 0, 0.0, 0.0, {}
+    start = state.iteration
+    while state.iteration == start:
+        candidates = strategy.ask(state)
+        gen = parts.engine.generate(candidates, prompts)
+        t1 = time.perf_counter()
+        scored = [parts.scorer(batch.prompts(), completions, batch.columns()) for completions in gen.completions]
+        asked = np.array([scores.mean() for scores, _ in scored])
+        score_seconds += time.perf_counter() - t1
+        state = strategy.tell(state, asked)
+        rewards.append(asked)
+        failures += sum(f for _, f in scored)
+        tokens, gen_seconds = tokens + gen.tokens, gen_seconds + gen.seconds
+        phases = {k: phases.get(k, 0.0) + v for k, v in gen.phases.items()}
+    # The first ask is around the center for every strategy: its rewards describe the population.
+    first, seconds = rewards[0], time.perf_counter() - t0
+    row = {"iteration": state.iteration, "reward_mean": float(first.mean()), "reward_std": float(first.std()),
+           "reward_max": float(first.max()), "reward_failures": failures,
+           "candidates": sum(len(r) for r in rewards), "generated_tokens": tokens, "tokens_per_s": tokens / gen_seconds,
+           "seconds_generate": gen_seconds, "seconds_score": score_seconds,
+           "seconds_update": seconds - gen_seconds - score_seconds, **phases}
     return state, row
 
 
-def save_checkpoint(root: Path, state: ESState, best: Best, baseline: float, keep: int) -> None:
-    arrays = {f"strategy.{k}": v for k, v in state.to_arrays().items()} | {"best_center": best.center}
+def save_checkpoint(root: Path, state: State, best: Best, baseline: float, keep: int) -> None:
+    # The center is stored under its own key too, so an export needs no strategy to read it.
+    arrays = {f"strategy.{k}": v for k, v in state.to_arrays().items()} | {"center": state.center,
+                                                                            "best_center": best.center}
     meta = {"best_reward": best.reward, "best_iteration": best.iteration, "baseline_reward": baseline}
     checkpoint.save(root, checkpoint.Checkpoint(state.iteration, arrays, meta), keep=keep)
 
 
-def restore(root: Path, console: Console) -> tuple[ESState, Best, float] | None:
+def restore(root: Path, strategy: Strategy, console: Console) -> tuple[State, Best, float] | None:
     ckpt, skipped = checkpoint.latest(root)
     for path in skipped:
         console.print(f"[yellow]warning:[/] checkpoint {path} is incomplete or corrupt; using the one before it")
     if ckpt is None:
         return None
-    state = ESState.from_arrays({k.removeprefix("strategy."): v for k, v in ckpt.arrays.items()
-                                 if k.startswith("strategy.")})
+    state = strategy.restore({k.removeprefix("strategy."): v for k, v in ckpt.arrays.items()
+                              if k.startswith("strategy.")})
     best = Best(ckpt.arrays["best_center"], ckpt.meta["best_reward"], ckpt.meta["best_iteration"])
     console.print(f"resuming after iteration {ckpt.iteration} from {root}")
     return state, best, ckpt.meta["baseline_reward"]
@@ -182,12 +196,12 @@ def evolve(parts: Parts, run_dir: Path, resume: bool, started: float, console: C
     recipe, run = parts.recipe, parts.recipe.run
     ckpt_root, metrics = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl")
     space = parts.engine.space
-    strategy = make_strategy(recipe.strategy, space.dim, run.seed)
+    strategy = make_strategy(recipe.strategy, space.dim, run.seed, run.iterations)
     console.print(f"search space: {len(space.modules)} modules, rank {space.rank}, {space.dim} trainable singular "
                   f"values; population {recipe.strategy.population} × "
                   f"{min(recipe.data.prompts_per_iteration, len(parts.train))} prompts")
 
-    restored = restore(ckpt_root, console) if resume else None
+    restored = restore(ckpt_root, strategy, console) if resume else None
     if restored:
         state, best, baseline = restored
         metrics.truncate(state.iteration)
@@ -206,7 +220,7 @@ def evolve(parts: Parts, run_dir: Path, resume: bool, started: float, console: C
     with progress:
         task = progress.add_task("align", total=run.iterations, completed=state.iteration, stats="")
         while state.iteration < run.iterations:
-            state, row = es_step(parts, strategy, state)
+            state, row = step(parts, strategy, state)
             stats = f"reward {row['reward_mean']:.3f} (max {row['reward_max']:.3f})"
             if state.iteration % run.eval_every == 0 or state.iteration == run.iterations:
                 t = time.perf_counter()

@@ -48,7 +48,7 @@ def save(root: Path, ckpt: Checkpoint, keep: int) -> Path:
     tmp = root / f".tmp-iter-{ckpt.iteration:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: np.ascontiguousarray(v) for k, v in ckpt.arrays.items()}, str(tmp / STATE))
+    save_file({k: np.asarray(v, order="C") for k, v in ckpt.arrays.items()}, str(tmp / STATE))  # keeps 0-d shapes
     meta = dict(ckpt.meta, iteration=ckpt.iteration, sha256=_sha256(tmp / STATE))
     (tmp / META).write_text(json.dumps(meta, indent=1))
     for f in (STATE, META):

@@ -130,6 +130,14 @@ def _recipe_check(args: argparse.Namespace) -> None:
           "singular values)")
     print(f"  population {p.population} × {p.prompts_per_iteration} prompts per iteration "
           f"({p.rows_per_iteration} rows per generate call)")
+    strategy = recipe.strategy
+    if strategy.name == "essam":
+        print(f"  ESSAM: {strategy.sharpness_population or strategy.population} candidates at the center, then "
+              f"{strategy.population} at the sharpness probe, per iteration")
+    if strategy.name == "cma":
+        from essa.strategies.cma import full_covariance
+
+        print(f"  CMA-ES covariance: {'full' if full_covariance(strategy, p.search_dim) else 'diagonal (sep-CMA)'}")
     print(f"  memory estimate on {device}: weights {p.weights_gb:.2f} GiB + KV cache {p.kv_cache_gb:.2f} GiB "
           f"≈ {p.memory_gb:.2f} GiB (prompts of 256 tokens)")
 

@@ -42,7 +42,7 @@ def load_run(run_dir: Path, which: Which) -> Run:
         description = (f"best center: iteration {ckpt.meta['best_iteration']}, "
                        f"held-out reward {ckpt.meta['best_reward']:.4f}")
         return Run(recipe, space, ckpt.arrays["best_center"], description)
-    return Run(recipe, space, ckpt.arrays["strategy.center"], f"final center: iteration {ckpt.iteration}")
+    return Run(recipe, space, ckpt.arrays["center"], f"final center: iteration {ckpt.iteration}")
 
 
 def export_adapter(run_dir: Path, out: Path, which: Which = "best") -> str:

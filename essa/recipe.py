@@ -60,7 +60,7 @@ class SVDSection:
 
 @dataclass(frozen=True)
 class StrategySection:
-    name: Literal["es"] = "es"
+    name: Literal["es", "cma", "essam"] = "es"
     population: int = _checked(8, lambda v: v >= 2, "an integer >= 2")
     sigma: float = positive(0.5)
     learning_rate: float = positive(0.1)
@@ -68,6 +68,12 @@ class StrategySection:
     weight_decay: float = non_negative(0.0)
     fitness_shaping: Literal["centered_rank", "zscore"] = "centered_rank"
     antithetic: bool = True
+    sigma_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    learning_rate_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    final_fraction: float = _checked(0.1, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    covariance: Literal["auto", "full", "diagonal"] = "auto"
+    rho: float = non_negative(1.0)
+    sharpness_population: int = _checked(0, lambda v: v == 0 or v >= 2, "0 (= population) or an integer >= 2")
 
 
 @dataclass(frozen=True)
@@ -182,9 +188,12 @@ def _build_section(cls: type, name: str, raw: Any, source: str) -> Any:
 
 
 def _validate(recipe: Recipe) -> None:
-    if recipe.strategy.antithetic and recipe.strategy.population % 2:
-        raise RecipeError(recipe.source, "strategy.population",
-                          f"antithetic sampling needs an even population, got {recipe.strategy.population}")
+    strategy = recipe.strategy
+    if strategy.antithetic and strategy.name != "cma":
+        for key in ("population", "sharpness_population"):
+            if getattr(strategy, key) % 2:
+                raise RecipeError(recipe.source, f"strategy.{key}",
+                                  f"antithetic sampling needs an even number, got {getattr(strategy, key)}")
     if recipe.model.quantization != "none" and recipe.model.dtype == "float16" and recipe.model.device == "cpu":
         raise RecipeError(recipe.source, "model.dtype", "float16 is not supported on CPU; use float32 or auto")
     adapter = recipe.lora.adapter

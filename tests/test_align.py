@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def center(run_dir: Path, iteration: int) -> np.ndarray:
-    return load_file(str(run_dir / "checkpoints" / f"iter-{iteration:06d}" / "state.safetensors"))["strategy.center"]
+    return load_file(str(run_dir / "checkpoints" / f"iter-{iteration:06d}" / "state.safetensors"))["center"]
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +60,42 @@ def test_two_plus_resume_two_equals_four_bit_for_bit(tiny_recipe, tmp_path, fini
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
 
 
-def test_killed_run_resumes_exactly(tiny_recipe, tmp_path, finished_run):
-    recipe = tiny_recipe()
-    run = tmp_path / "killed"
+def kill_after_checkpoint(recipe: Path, run: Path, iteration: int) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "essa", "align", str(recipe), "--out", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (run / "checkpoints" / "iter-000002").exists() and proc.poll() is None and time.time() < deadline:
+    while not (run / "checkpoints" / f"iter-{iteration:06d}").exists() and proc.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = sorted((run / "checkpoints").glob("iter-*"))
     assert done and done[-1].name < "iter-000004", "the run finished before it could be killed"
+
+
+def test_killed_run_resumes_exactly(tiny_recipe, tmp_path, finished_run):
+    recipe = tiny_recipe()
+    run = tmp_path / "killed"
+    kill_after_checkpoint(recipe, run, 2)
     assert main(["align", str(recipe), "--out", str(run), "--resume"]) == 0
     assert np.array_equal(center(run, 4), center(finished_run, 4))
+
+
+@pytest.mark.parametrize("strategy", [{"name": "cma"}, {"name": "essam", "sharpness_population": 2}],
+                         ids=["cma", "essam"])
+def test_every_strategy_runs_and_resumes_bit_for_bit_after_a_kill(tiny_recipe, tmp_path, strategy):
+    recipe = tiny_recipe(strategy=strategy)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(["align", str(recipe), "--out", str(straight)]) == 0
+    kill_after_checkpoint(recipe, killed, 2)
+    assert main(["align", str(recipe), "--out", str(killed), "--resume"]) == 0
+    final = [load_file(str(run / "checkpoints" / "iter-000004" / "state.safetensors")) for run in (straight, killed)]
+    assert final[0].keys() == final[1].keys() and any(k.startswith("strategy.") for k in final[0])
+    assert all(np.array_equal(final[0][k], final[1][k]) for k in final[0])
+    assert np.abs(center(straight, 4)).sum() > 0
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    per_iteration = {"cma": 4, "essam": 2 + 4}[strategy["name"]]
+    assert all(r["candidates"] == per_iteration for r in rows[1:])
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_recipe, tmp_path, finished_run, capsys):
