@@ -193,7 +193,7 @@ def _validate(recipe: Recipe) -> None:
         for key in ("population", "sharpness_population"):
             if getattr(strategy, key) % 2:
                 raise RecipeError(recipe.source, f"strategy.{key}",
-                                  f"antithetic sampling needs an even number, got {getattr(strategy, key)}")
+                                  f"antithetic sampling needs an even {key}, got {getattr(strategy, key)}")
     if recipe.model.quantization != "none" and recipe.model.dtype == "float16" and recipe.model.device == "cpu":
         raise RecipeError(recipe.source, "model.dtype", "float16 is not supported on CPU; use float32 or auto")
     adapter = recipe.lora.adapter

@@ -1,0 +1,145 @@
+"""Strategies side by side on one task: held-out reward vs candidate evaluations and vs seconds.
+
+Each strategy runs `essa align` on the same recipe with several seeds and the same budget of
+candidate evaluations (ESSAM evaluates two populations per iteration, so it gets fewer
+iterations). Prints mean and spread across seeds, writes a JSON file and a PNG plot.
+
+    python scripts/compare_strategies.py [--recipe recipes/quickstart.toml] [--seeds 0,1,2] \\
+        [--budget 128] [--strategies es,cma,essam,essam-fast] [--set KEY=VALUE ...] \\
+        [--out runs/compare-strategies] [--json FILE] [--quick]
+
+Runs are kept under --out; a rerun skips finished runs and resumes killed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from essa import recipe as recipes  # noqa: E402
+from essa.cli import main as essa  # noqa: E402
+
+STRATEGIES = {
+    "es": ["strategy.name=es"],
+    "cma": ["strategy.name=cma"],
+    "essam": ["strategy.name=essam"],
+    "essam-fast": ["strategy.name=essam", "strategy.sharpness_population=4"],
+}
+QUICK = ["data.prompts_per_iteration=2", "data.heldout_size=4", "generation.max_new_tokens=8",
+         "strategy.population=4"]
+SECONDS = ("seconds_generate", "seconds_score", "seconds_update", "seconds_eval")
+
+
+def candidates_per_iteration(overrides: list[str], recipe: Path) -> int:
+    strategy = recipes.load(recipe, overrides).strategy
+    return strategy.population + (strategy.sharpness_population or strategy.population) * (strategy.name == "essam")
+
+
+def run_one(recipe: Path, overrides: list[str], out: Path) -> list[dict]:
+    metrics = out / "metrics.jsonl"
+    if not (out / "summary.json").exists():
+        resume = ["--resume"] if (out / "checkpoints").exists() else []
+        argv = ["align", str(recipe), "--out", str(out), *resume]
+        for item in overrides:
+            argv += ["--set", item]
+        if essa(argv) != 0:
+            raise SystemExit(f"essa align failed for {out}")
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def curve(rows: list[dict]) -> list[dict]:
+    """Held-out reward points with cumulative candidate evaluations and seconds of the loop."""
+    points, evaluations, seconds = [], 0, 0.0
+    for row in rows:
+        evaluations += row.get("candidates", 0)
+        seconds += sum(row.get(k, 0.0) for k in SECONDS)
+        if row.get("heldout_reward") is not None:
+            points.append({"iteration": row["iteration"], "evaluations": evaluations, "seconds": seconds,
+                           "heldout_reward": row["heldout_reward"]})
+    return points
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.pstdev(values)
+
+
+def plot(results: dict, path: Path, title: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name, runs in results.items():
+        curves = [r["curve"] for r in runs]
+        steps = min(len(c) for c in curves)
+        for ax, key in zip(axes, ("evaluations", "seconds")):
+            x = [statistics.mean(c[i][key] for c in curves) for i in range(steps)]
+            y = [[c[i]["heldout_reward"] for c in curves] for i in range(steps)]
+            line, = ax.plot(x, [statistics.mean(v) for v in y], marker="o", label=name)
+            ax.fill_between(x, [min(v) for v in y], [max(v) for v in y], color=line.get_color(), alpha=0.15)
+    axes[0].set_xlabel("candidate evaluations")
+    axes[1].set_xlabel("seconds (generate + score + update + held-out eval)")
+    axes[0].set_ylabel("held-out reward (mean, min-max over seeds)")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=recipes.bundled("quickstart"))
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--budget", type=int, default=128, help="candidate evaluations per run (default 128)")
+    parser.add_argument("--evals", type=int, default=4, help="held-out evaluations per run besides the initial one")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare-strategies"))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true", help="one seed, a tiny budget and tiny prompts")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    overrides, budget = list(args.overrides), args.budget
+    if args.quick:
+        seeds, budget, overrides = seeds[:1], 8, QUICK + overrides
+
+    started, results = time.perf_counter(), {}
+    for name in args.strategies.split(","):
+        strategy = STRATEGIES[name] + overrides
+        iterations = max(1, budget // candidates_per_iteration(strategy, args.recipe))
+        settings = strategy + [f"run.iterations={iterations}", f"run.eval_every={max(1, iterations // args.evals)}"]
+        results[name] = []
+        for seed in seeds:
+            rows = run_one(args.recipe, settings + [f"run.seed={seed}"], args.out / name / f"seed-{seed}")
+            results[name].append({"seed": seed, "iterations": iterations, "curve": curve(rows)})
+
+    print(f"\n{'strategy':12s} {'iterations':>10s} {'initial':>8s} {'final (mean ± sd)':>18s} {'best':>6s} "
+          f"{'seconds':>8s}")
+    summary = {}
+    for name, runs in results.items():
+        initial = spread([r["curve"][0]["heldout_reward"] for r in runs])
+        final = spread([r["curve"][-1]["heldout_reward"] for r in runs])
+        seconds = spread([r["curve"][-1]["seconds"] for r in runs])
+        best = max(p["heldout_reward"] for r in runs for p in r["curve"])
+        summary[name] = {"initial_mean": initial[0], "final_mean": final[0], "final_sd": final[1],
+                         "best": best, "seconds_mean": seconds[0], "iterations": runs[0]["iterations"]}
+        print(f"{name:12s} {runs[0]['iterations']:>10d} {initial[0]:8.4f} {final[0]:10.4f} ± {final[1]:.4f} "
+              f"{best:6.4f} {seconds[0]:8.1f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(results, args.out / "strategies.png", f"{args.recipe.name}: {len(seeds)} seeds, {budget} evaluations")
+    report = {"recipe": str(args.recipe), "overrides": overrides, "budget": budget, "seeds": seeds,
+              "summary": summary, "runs": results, "seconds_total": time.perf_counter() - started}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    print(f"plot: {args.out / 'strategies.png'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
