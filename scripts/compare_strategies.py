@@ -78,12 +78,12 @@ def plot(results: dict, path: Path, title: str) -> None:
         steps = min(len(c) for c in curves)
         for ax, key in zip(axes, ("evaluations", "seconds")):
             x = [statistics.mean(c[i][key] for c in curves) for i in range(steps)]
-            y = [[c[i]["heldout_reward"] for c in curves] for i in range(steps)]
+            y = [[c[i]["heldout_reward"] - c[0]["heldout_reward"] for c in curves] for i in range(steps)]
             line, = ax.plot(x, [statistics.mean(v) for v in y], marker="o", label=name)
             ax.fill_between(x, [min(v) for v in y], [max(v) for v in y], color=line.get_color(), alpha=0.15)
     axes[0].set_xlabel("candidate evaluations")
     axes[1].set_xlabel("seconds (generate + score + update + held-out eval)")
-    axes[0].set_ylabel("held-out reward (mean, min-max over seeds)")
+    axes[0].set_ylabel("held-out reward gain (mean, min-max over seeds)")
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -118,18 +118,22 @@ def main(argv: list[str] | None = None) -> dict:
             rows = run_one(args.recipe, settings + [f"run.seed={seed}"], args.out / name / f"seed-{seed}")
             results[name].append({"seed": seed, "iterations": iterations, "curve": curve(rows)})
 
-    print(f"\n{'strategy':12s} {'iterations':>10s} {'initial':>8s} {'final (mean ± sd)':>18s} {'best':>6s} "
-          f"{'seconds':>8s}")
+    # The held-out prompts depend on the run seed, so gains are taken per seed against its own start.
+    print(f"\n{'strategy':12s} {'iterations':>10s} {'initial':>8s} {'final':>8s} {'gain (mean ± sd)':>18s} "
+          f"{'best gain':>9s} {'seconds':>8s}")
     summary = {}
     for name, runs in results.items():
         initial = spread([r["curve"][0]["heldout_reward"] for r in runs])
         final = spread([r["curve"][-1]["heldout_reward"] for r in runs])
+        gain = spread([r["curve"][-1]["heldout_reward"] - r["curve"][0]["heldout_reward"] for r in runs])
+        best_gain = statistics.mean(max(p["heldout_reward"] for p in r["curve"]) - r["curve"][0]["heldout_reward"]
+                                    for r in runs)
         seconds = spread([r["curve"][-1]["seconds"] for r in runs])
-        best = max(p["heldout_reward"] for r in runs for p in r["curve"])
         summary[name] = {"initial_mean": initial[0], "final_mean": final[0], "final_sd": final[1],
-                         "best": best, "seconds_mean": seconds[0], "iterations": runs[0]["iterations"]}
-        print(f"{name:12s} {runs[0]['iterations']:>10d} {initial[0]:8.4f} {final[0]:10.4f} ± {final[1]:.4f} "
-              f"{best:6.4f} {seconds[0]:8.1f}")
+                         "gain_mean": gain[0], "gain_sd": gain[1], "best_gain_mean": best_gain,
+                         "seconds_mean": seconds[0], "iterations": runs[0]["iterations"]}
+        print(f"{name:12s} {runs[0]['iterations']:>10d} {initial[0]:8.4f} {final[0]:8.4f} {gain[0]:+10.4f} ± "
+              f"{gain[1]:.4f} {best_gain:+9.4f} {seconds[0]:8.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "strategies.png", f"{args.recipe.name}: {len(seeds)} seeds, {budget} evaluations")
     report = {"recipe": str(args.recipe), "overrides": overrides, "budget": budget, "seeds": seeds,
