@@ -132,8 +132,11 @@ def _recipe_check(args: argparse.Namespace) -> None:
           f"({p.rows_per_iteration} rows per generate call)")
     strategy = recipe.strategy
     if strategy.name == "essam":
-        print(f"  ESSAM: {strategy.sharpness_population or strategy.population} candidates at the center, then "
-              f"{strategy.population} at the sharpness probe, per iteration")
+        from essa.strategies import candidates_per_iteration
+
+        print(f"  ESSAM: {candidates_per_iteration(strategy)} candidates per iteration "
+              f"({strategy.sharpness_population or strategy.population} at the center, "
+              f"{strategy.population} at the sharpness probe)")
     if strategy.name == "cma":
         from essa.strategies.cma import full_covariance
 

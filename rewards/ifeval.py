@@ -8,11 +8,13 @@ word tokenizer instead, and warns once; every other checker is lm-eval's own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import re
 import warnings
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 PUNKT_CHECKERS = {"length_constraints:number_sentences", "change_case:capital_word_frequency"}
@@ -56,18 +58,25 @@ def _fallback_check(instruction, instruction_id: str, response: str) -> bool:
     return count < limit if relation == "less than" else count >= limit
 
 
+@contextlib.contextmanager
+def _seeded_random(seed: int) -> Iterator[None]:
+    """lm-eval draws from the global `random`; seed it for one call and restore the caller's state."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def _follows(instruction_id: str, kwargs: dict, prompt: str, response: str) -> bool:
     registry, _ = _lm_eval()
     instruction = registry.INSTRUCTION_DICT[instruction_id](instruction_id)
     # lm-eval (like the reference) draws a random value for a missing or invalid argument (IFEval
     # row 1122 asks for the letter '#'); a fixed seed per prompt keeps the verdict, and so a
     # resumed run, reproducible.
-    state = random.getstate()
-    random.seed(zlib.crc32(f"{instruction_id}\n{prompt}".encode()))
-    try:
+    with _seeded_random(zlib.crc32(f"{instruction_id}\n{prompt}".encode())):
         instruction.build_description(**{k: v for k, v in kwargs.items() if v})
-    finally:
-        random.setstate(state)
     args = instruction.get_instruction_args()
     if args and "prompt" in args:
         instruction.build_description(prompt=prompt)
@@ -105,13 +114,8 @@ def reward(prompts: list[str], completions: list[str], instruction_id_list: list
 
 def _seeded_description(instruction, seed: int) -> tuple[str, dict]:
     """lm-eval's own description with its own random choices, made reproducible by `seed`."""
-    state = random.getstate()
-    random.seed(seed)
-    try:
-        text = instruction.build_description()
-        return text, instruction.get_instruction_args() or {}
-    finally:
-        random.setstate(state)
+    with _seeded_random(seed):
+        return instruction.build_description(), instruction.get_instruction_args() or {}
 
 
 def generate_examples(n: int, seed: int) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from essa import recipe as recipes  # noqa: E402
 from essa.cli import main as essa  # noqa: E402
+from essa.strategies import candidates_per_iteration  # noqa: E402
 
 STRATEGIES = {
     "es": ["strategy.name=es"],
@@ -36,11 +37,6 @@ STRATEGIES = {
 QUICK = ["data.prompts_per_iteration=2", "data.heldout_size=4", "generation.max_new_tokens=8",
          "strategy.population=4"]
 SECONDS = ("seconds_generate", "seconds_score", "seconds_update", "seconds_eval")
-
-
-def candidates_per_iteration(overrides: list[str], recipe: Path) -> int:
-    strategy = recipes.load(recipe, overrides).strategy
-    return strategy.population + (strategy.sharpness_population or strategy.population) * (strategy.name == "essam")
 
 
 def run_one(recipe: Path, overrides: list[str], out: Path) -> list[dict]:
@@ -111,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     started, results = time.perf_counter(), {}
     for name in args.strategies.split(","):
         strategy = STRATEGIES[name] + overrides
-        iterations = max(1, budget // candidates_per_iteration(strategy, args.recipe))
+        iterations = max(1, budget // candidates_per_iteration(recipes.load(args.recipe, strategy).strategy))
         settings = strategy + [f"run.iterations={iterations}", f"run.eval_every={max(1, iterations // args.evals)}"]
         results[name] = []
         for seed in seeds:

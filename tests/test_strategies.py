@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from essa.recipe import StrategySection
-from essa.strategies import CMA, ES, ESSAM, make_strategy
+from essa.strategies import CMA, ES, ESSAM, candidates_per_iteration, make_strategy
 from essa.strategies.cma import FULL_COVARIANCE_MAX_DIM
 from essa.strategies.es import noise, scheduled, shape_fitness
 
@@ -38,8 +38,7 @@ def rastrigin(x: np.ndarray, optimum: np.ndarray) -> np.ndarray:
 def minimize(config: StrategySection, f, optimum: np.ndarray, seed: int, evaluations: int = EVALUATIONS,
              sign: float = 1.0) -> float:
     """f at the final center after a fixed budget of evaluations; reward = -f (times `sign`)."""
-    per_iteration = config.population + (config.sharpness_population or config.population) * (config.name == "essam")
-    iterations = evaluations // per_iteration
+    iterations = evaluations // candidates_per_iteration(config)
     strategy = make_strategy(config, len(optimum), seed, iterations)
     state = strategy.init()
     while state.iteration < iterations:

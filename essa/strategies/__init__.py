@@ -16,6 +16,13 @@ Strategy = ES | CMA | ESSAM
 State = ESState | CMAState | ESSAMState
 
 
+def candidates_per_iteration(config: StrategySection) -> int:
+    """Candidates evaluated per update of the center: ESSAM evaluates a probe population too."""
+    if config.name == "essam":
+        return (config.sharpness_population or config.population) + config.population
+    return config.population
+
+
 def make_strategy(config: StrategySection, dim: int, seed: int, iterations: int) -> Strategy:
     """The recipe's strategy; `iterations` is the run's length, which the schedules decay over."""
     if config.name == "cma":
@@ -24,4 +31,4 @@ def make_strategy(config: StrategySection, dim: int, seed: int, iterations: int)
     return ESSAM(es) if config.name == "essam" else es
 
 
-__all__ = ["CMA", "ES", "ESSAM", "State", "Strategy", "make_strategy"]
+__all__ = ["CMA", "ES", "ESSAM", "State", "Strategy", "candidates_per_iteration", "make_strategy"]

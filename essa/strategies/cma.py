@@ -73,6 +73,7 @@ class CMA:
     def __init__(self, config: StrategySection, dim: int, seed: int) -> None:
         self.config, self.dim, self.seed = config, dim, seed
         self.library = FullCMA if full_covariance(config, dim) else SepCMA
+        self._last: tuple[CMAState, FullCMA | SepCMA, np.ndarray] | None = None
 
     def _fresh(self) -> FullCMA | SepCMA:
         optimizer = self.library(mean=np.zeros(self.dim), sigma=self.config.sigma,
@@ -96,11 +97,19 @@ class CMA:
     def _candidates(self, optimizer: FullCMA | SepCMA) -> np.ndarray:
         return np.stack([optimizer.ask() for _ in range(self.config.population)])
 
+    def _asked(self, state: CMAState) -> tuple[FullCMA | SepCMA, np.ndarray]:
+        """The optimizer after drawing this state's candidates, and the candidates. Rebuilding costs
+        an eigendecomposition, so the last one is kept for the tell() that follows its ask()."""
+        if self._last is None or self._last[0] is not state:
+            optimizer = self._optimizer(state)
+            self._last = (state, optimizer, self._candidates(optimizer))
+        return self._last[1], self._last[2]
+
     def ask(self, state: CMAState) -> np.ndarray:
-        return self._candidates(self._optimizer(state)).astype(np.float32)
+        return self._asked(state)[1].astype(np.float32)
 
     def tell(self, state: CMAState, rewards: np.ndarray) -> CMAState:
-        optimizer = self._optimizer(state)
-        candidates = self._candidates(optimizer)  # the same draws ask() made: same state, same RNG
+        optimizer, candidates = self._asked(state)  # the same draws for the same state: same RNG
+        self._last = None  # the optimizer is about to move on
         optimizer.tell([(x, -float(r)) for x, r in zip(candidates, rewards)])  # cmaes minimizes
         return CMAState(_capture(optimizer), state.iteration + 1)
