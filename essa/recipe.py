@@ -60,7 +60,7 @@ class SVDSection:
 
 @dataclass(frozen=True)
 class StrategySection:
-    name: Literal["es", "cma", "essam"] = "es"
+    name: Literal["es", "cma", "essam"] = "cma"
     population: int = _checked(8, lambda v: v >= 2, "an integer >= 2")
     sigma: float = positive(0.5)
     learning_rate: float = positive(0.1)

@@ -35,7 +35,7 @@ def test_overrides_use_dotted_keys_and_toml_values(tmp_path):
     ("[run]\niterations = 'many'\n", "run.iterations", "expected an integer"),
     ("[run]\niterations = 0\n", "run.iterations", "a number > 0"),
     ("[model]\nquantization = 'int3'\n", "model.quantization", "one of 'none', 'int8', 'nf4', 'fp4'"),
-    ("[strategy]\npopulation = 5\n", "strategy.population", "even population"),
+    ("[strategy]\nname = \"es\"\npopulation = 5\n", "strategy.population", "even population"),
     ("[strategy]\nname = \"essam\"\nsharpness_population = 3\n", "strategy.sharpness_population",
      "even sharpness_population"),
     ("[strategy]\nname = \"cma\"\ncovariance = \"dense\"\n", "strategy.covariance", "'auto', 'full'"),
