@@ -5,10 +5,10 @@ reload it with peft on the same quantized base, and compare next-token logits on
 prompts with the engine's center; likewise three population members against peft with each
 member's adapter materialized.
 
-    python scripts/cuda_smoke.py --tokenizer DIR [--hidden 1024 --layers 8]
+    python scripts/cuda_smoke.py [--tokenizer DIR] [--hidden 1024 --layers 8]
 
-DIR holds any transformers tokenizer with a chat template (e.g. SmolLM2's, which
-`essa.models.resolve_source("smollm2-135m-instruct")` writes to ~/.cache/essa/gguf/).
+DIR holds any transformers tokenizer with a chat template; the default is SmolLM2's, which
+essa converts from the bundled model into ~/.cache/essa/gguf/.
 """
 
 from __future__ import annotations
@@ -20,24 +20,14 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from random_models import build_random_model
+from transformers import AutoModelForCausalLM
 
 from essa.cli import main as essa
 from essa.data import load_splits, render
 from essa.engines import HFEngine
 from essa.export import load_run
-from essa.models import load_model, load_tokenizer, quantization_config
-
-
-def build_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int) -> None:
-    tokenizer = load_tokenizer(str(tokenizer_dir))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+from essa.models import load_model, quantization_config
 
 
 @torch.no_grad()
@@ -101,7 +91,7 @@ def check(model_dir: Path, work: Path, quantization: str, iterations: int, dtype
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer directory with a chat template")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory with a chat template (default: SmolLM2's)")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the random model")
     parser.add_argument("--layers", type=int, default=8, help="layers of the random model")
     parser.add_argument("--iterations", type=int, default=3, help="essa align iterations per quantization")
@@ -113,8 +103,9 @@ def cli() -> None:
     assert torch.cuda.is_available(), "this script needs a CUDA GPU"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        build_model(args.tokenizer, work / "model", args.hidden, args.layers)
-        results = [check(work / "model", work, q, args.iterations, args.dtype) for q in args.quantizations.split(",")]
+        model = build_random_model("llama", work / "model", args.tokenizer, torch.float32,
+                                   hidden=args.hidden, layers=args.layers)
+        results = [check(model, work, q, args.iterations, args.dtype) for q in args.quantizations.split(",")]
     print(f"device: {torch.cuda.get_device_name()}, model: random Llama hidden {args.hidden} × {args.layers} layers, "
           f"{args.dtype}; top1 = share of prompt positions whose next token agrees, diff = max |Δlogit| / std(logits)")
     print(f"{'quantization':<13}{'s/iteration':>12}{'tokens/s':>10}{'peak MiB':>10}"

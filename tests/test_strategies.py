@@ -168,8 +168,9 @@ def test_es_converges_with_each_optimizer_and_fitness_shaping(optimizer, lr):
 
 def test_weight_decay_pulls_toward_the_initial_adapter():
     optimum = np.full(10, 5.0)
-    final = {decay: minimize(StrategySection(name="es", population=8, sigma=0.1, learning_rate=0.5,
-                                             optimizer="sgd", weight_decay=decay), sphere, optimum, 0, 320) for decay in (0.0, 0.5)}
+    configs = {decay: StrategySection(name="es", population=8, sigma=0.1, learning_rate=0.5, optimizer="sgd",
+                                      weight_decay=decay) for decay in (0.0, 0.5)}
+    final = {decay: minimize(config, sphere, optimum, 0, 320) for decay, config in configs.items()}
     assert final[0.5] > final[0.0]  # held back from the optimum
 
 
