@@ -2,9 +2,15 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # the scripts import their shared helpers as `python scripts/x.py` does
 
 
 def script(name: str):
@@ -30,3 +36,50 @@ def test_compare_strategies_quick(tiny_recipe, tmp_path, capsys):
     assert json.loads(report_path.read_text())["summary"] == report["summary"]
     assert "essam-fast" in capsys.readouterr().out
     assert compare.main(argv)["summary"] == report["summary"]  # a rerun reuses the finished runs
+
+
+def test_bench_population_quick_reports_every_precision(tiny_model_dir, tmp_path, capsys):
+    bench = script("bench_population")
+    report = bench.main(["--model", str(tiny_model_dir), "--quick", "--json", str(tmp_path / "population.json")])
+    rows = report["results"]
+    assert [r["precision"] for r in rows] == list(bench.PRECISIONS)
+    for row in rows:
+        assert row["base_tokens_per_s"] > 0 and row["population_tokens_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["population_tokens_per_s"] / row["base_tokens_per_s"])
+    assert json.loads((tmp_path / "population.json").read_text()) == json.loads(json.dumps(report))
+    assert "nf4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape, billions", [("qwen2.5-0.5b", 0.494), ("qwen2.5-1.5b", 1.544), ("qwen2.5-7b", 7.616)])
+def test_random_models_have_the_published_parameter_counts(shape, billions):
+    config = script("random_models").config_for(shape, vocab_size=0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_bench_memory_quick_measures_three_processes(tiny_recipe, tmp_path):
+    bench = script("bench_memory")
+    report = bench.main(["--recipe", str(tiny_recipe()), "--quick", "--json", str(tmp_path / "memory.json")])
+    assert set(report["results"]) == {"inference", "essa", "grpo"}
+    for row in report["results"].values():
+        assert row["peak_rss_mb"] >= row["imported_rss_mb"] > 100  # torch alone is more than 100 MiB
+    ratios = report["ratios"]
+    assert ratios["grpo_over_essa_peak_rss_mb"] == pytest.approx(
+        report["results"]["grpo"]["peak_rss_mb"] / report["results"]["essa"]["peak_rss_mb"])
+
+
+def test_compare_grpo_quick_runs_both_methods_on_the_same_budget(tiny_recipe, tmp_path):
+    compare = script("compare_grpo")
+    argv = ["--recipe", str(tiny_recipe()), "--quick", "--out", str(tmp_path / "out"), "--json",
+            str(tmp_path / "grpo.json")]
+    report = compare.main(argv)
+    essa_curve = report["essa"]["curve"]
+    assert [p["step"] for p in essa_curve] == [0, 1, 2]  # --quick: 2 iterations, evaluated after each
+    (grpo,) = report["grpo"].values()
+    assert grpo["curve"][0] == {"step": 0, "seconds": 0.0, "heldout_reward": essa_curve[0]["heldout_reward"]}
+    assert grpo["curve"][-1]["step"] >= 1 and grpo["train_seconds"] >= report["essa"]["train_seconds"]
+    summary = report["summary"]
+    assert summary["target"] == max(summary["final_heldout_reward"].values())
+    assert (tmp_path / "out" / "essa_vs_grpo.png").stat().st_size > 0
+    assert compare.main(argv)["summary"] == summary  # a rerun reuses the finished runs
