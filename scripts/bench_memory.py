@@ -8,6 +8,7 @@ libraries are imported (before the model loads), their difference (what the work
 and on a GPU `torch.cuda.max_memory_allocated`.
 
     python scripts/bench_memory.py [--recipe recipes/quickstart.toml] [--set KEY=VALUE ...] [--quick] [--json out.json]
+        [--plot out.png]
 """
 
 from __future__ import annotations
@@ -106,6 +107,29 @@ def measure(worker: str, recipe: Path, overrides: list[str]) -> dict:
             "work_rss_mb": peak - rows["imported"]["rss_mb"], "gpu_peak_mb": rows["done"].get("gpu_peak_mb")}
 
 
+def plot(results: dict[str, dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gpu = all(r["gpu_peak_mb"] for r in results.values())
+    key, label = ("gpu_peak_mb", "peak GPU memory (MiB)") if gpu else ("peak_rss_mb", "peak RSS (MiB)")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(results)
+    bars = ax.bar(names, [results[n][key] for n in names], color=["tab:gray", "tab:blue", "tab:orange"])
+    if not gpu:
+        ax.bar(names, [results[n]["imported_rss_mb"] for n in names], color="white", alpha=0.5, hatch="//",
+               label="of which: libraries imported")
+        ax.legend()
+    ax.bar_label(bars, [f"{results[n][key]:.0f}" for n in names])
+    ax.set_ylabel(label)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "quickstart.toml")
@@ -113,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="recipe override, as for essa align")
     parser.add_argument("--quick", action="store_true", help=f"also set {' '.join(QUICK)}")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--plot", type=Path, help="also draw the results here (PNG)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     overrides = (QUICK if args.quick else []) + args.overrides
@@ -129,13 +154,16 @@ def main(argv: list[str] | None = None) -> dict:
     if base["gpu_peak_mb"]:
         ratios |= {"essa_over_inference_gpu": results["essa"]["gpu_peak_mb"] / base["gpu_peak_mb"],
                    "grpo_over_essa_gpu": results["grpo"]["gpu_peak_mb"] / results["essa"]["gpu_peak_mb"]}
-    print(f"recipe {args.recipe.name} {' '.join(overrides)}")
+    title = f"recipe {args.recipe.name} {' '.join(overrides)}".strip()
+    print(title)
     print(f"{'':<11}{'peak RSS MiB':>14}{'after imports':>15}{'work MiB':>10}{'GPU peak MiB':>14}")
     for w, r in results.items():
         gpu = f"{r['gpu_peak_mb']:>14.0f}" if r["gpu_peak_mb"] else f"{'-':>14}"
         print(f"{w:<11}{r['peak_rss_mb']:>14.0f}{r['imported_rss_mb']:>15.0f}{r['work_rss_mb']:>10.0f}{gpu}")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
+    if args.plot:
+        plot(results, title, args.plot)
     report_ = {"recipe": str(args.recipe), "overrides": overrides, "results": results, "ratios": ratios}
     if args.json:
         args.json.write_text(json.dumps(report_, indent=1))

@@ -7,7 +7,7 @@ quantization. Both are warmed up, then measured alternately `--repeats` times; t
 is reported. For the vLLM engine also the seconds spent writing and loading the P adapters.
 
     python scripts/bench_population.py [--engines hf,vllm] [--precisions fp32,bf16,int8,nf4]
-        [--model smollm2-135m-instruct | --random qwen2.5-1.5b] [--quick] [--json out.json]
+        [--model smollm2-135m-instruct | --random qwen2.5-1.5b] [--quick] [--json out.json] [--plot out.png]
 
 `--random SHAPE` builds a random-weight model shaped like a published one (scripts/random_models.py;
 no download): the matmuls cost what the real model's cost.
@@ -28,6 +28,7 @@ from random_models import SHAPES, build_random_model
 
 from essa.data import load_splits, render
 from essa.engines import HFEngine
+from essa.errors import EssaError
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import DataSection, ModelSection
 from essa.svd import SVDSpace, build_space
@@ -137,7 +138,11 @@ def run(args: argparse.Namespace, model: str) -> list[dict]:
             cfg = ModelSection(name_or_path=model, quantization=quantization, dtype=dtype, device=args.device)
             bench = {"hf": bench_hf, "vllm": bench_vllm}[engine]
             print(f"measuring {engine} {precision} ...", flush=True)
-            row = bench(cfg, heldout.prompts(), args.population, args.tokens, args.rank, args.repeats)
+            try:
+                row = bench(cfg, heldout.prompts(), args.population, args.tokens, args.rank, args.repeats)
+            except EssaError as err:  # e.g. vLLM with bitsandbytes on a CPU: say so and measure the rest
+                print(f"skipped {engine} {precision}: {err}")
+                continue
             row = {"engine": engine, "precision": precision, "population": args.population,
                    "prompts": args.prompts, "tokens": args.tokens, **row}
             row["ratio"] = row["population_tokens_per_s"] / row["base_tokens_per_s"]
@@ -159,6 +164,28 @@ def print_table(results: list[dict], header: str) -> None:
               f"{r.get('seconds_adapter_load_per_iteration', float('nan')):>16.3f}")
 
 
+def plot(results: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['engine']} {r['precision']}" for r in results]
+    x = range(len(results))
+    fig, ax = plt.subplots(figsize=(1.6 * len(results) + 2, 4))
+    ax.bar([i - 0.2 for i in x], [r["base_tokens_per_s"] for r in results], 0.4, label="plain batched inference")
+    bars = ax.bar([i + 0.2 for i in x], [r["population_tokens_per_s"] for r in results], 0.4,
+                  label="population (P adapters)")
+    ax.bar_label(bars, [f"{r['ratio']:.2f}×" for r in results])
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", default="hf", help="comma-separated: hf, vllm")
@@ -173,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="alternating measurements of each; best is kept")
     parser.add_argument("--quick", action="store_true", help="P=4, B=2, 8 tokens, 1 repeat: a check that it runs")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--plot", type=Path, help="also draw the results here (PNG)")
     args = parser.parse_args(argv)
     if args.quick:
         args.population, args.prompts, args.tokens, args.repeats = 4, 2, 8, 1
@@ -181,8 +209,11 @@ def main(argv: list[str] | None = None) -> dict:
         results = run(args, model)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     name = f"random {args.random}" if args.random else args.model
-    print_table(results, f"{name}, {device}, P={args.population} candidates × B={args.prompts} prompts × "
-                         f"{args.tokens} tokens, LoRA rank {args.rank} on {'/'.join(TARGETS)}")
+    title = (f"{name}, {device}, P={args.population} candidates × B={args.prompts} prompts × "
+             f"{args.tokens} tokens, LoRA rank {args.rank} on {'/'.join(TARGETS)}")
+    print_table(results, title)
+    if args.plot:
+        plot(results, title, args.plot)
     report = {"model": name, "device": device, "machine": platform.machine(), "torch": torch.__version__,
               "results": results}
     if args.json:

@@ -40,7 +40,8 @@ def test_compare_strategies_quick(tiny_recipe, tmp_path, capsys):
 
 def test_bench_population_quick_reports_every_precision(tiny_model_dir, tmp_path, capsys):
     bench = script("bench_population")
-    report = bench.main(["--model", str(tiny_model_dir), "--quick", "--json", str(tmp_path / "population.json")])
+    report = bench.main(["--model", str(tiny_model_dir), "--quick", "--json", str(tmp_path / "population.json"),
+                         "--plot", str(tmp_path / "population.png")])
     rows = report["results"]
     assert [r["precision"] for r in rows] == list(bench.PRECISIONS)
     for row in rows:
@@ -48,6 +49,7 @@ def test_bench_population_quick_reports_every_precision(tiny_model_dir, tmp_path
         assert row["ratio"] == pytest.approx(row["population_tokens_per_s"] / row["base_tokens_per_s"])
     assert json.loads((tmp_path / "population.json").read_text()) == json.loads(json.dumps(report))
     assert "nf4" in capsys.readouterr().out
+    assert (tmp_path / "population.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("shape, billions", [("qwen2.5-0.5b", 0.494), ("qwen2.5-1.5b", 1.544), ("qwen2.5-7b", 7.616)])
@@ -60,13 +62,15 @@ def test_random_models_have_the_published_parameter_counts(shape, billions):
 
 def test_bench_memory_quick_measures_three_processes(tiny_recipe, tmp_path):
     bench = script("bench_memory")
-    report = bench.main(["--recipe", str(tiny_recipe()), "--quick", "--json", str(tmp_path / "memory.json")])
+    report = bench.main(["--recipe", str(tiny_recipe()), "--quick", "--json", str(tmp_path / "memory.json"),
+                         "--plot", str(tmp_path / "memory.png")])
     assert set(report["results"]) == {"inference", "essa", "grpo"}
     for row in report["results"].values():
         assert row["peak_rss_mb"] >= row["imported_rss_mb"] > 100  # torch alone is more than 100 MiB
     ratios = report["ratios"]
     assert ratios["grpo_over_essa_peak_rss_mb"] == pytest.approx(
         report["results"]["grpo"]["peak_rss_mb"] / report["results"]["essa"]["peak_rss_mb"])
+    assert (tmp_path / "memory.png").stat().st_size > 0
 
 
 def test_compare_grpo_quick_runs_both_methods_on_the_same_budget(tiny_recipe, tmp_path):
