@@ -3,9 +3,13 @@
 Each is measured in its own fresh process (peak RSS is per process), on the same recipe: the same
 model and quantization, the same prompts per step and completions per prompt (essa: population ×
 prompts per iteration; GRPO: num_generations × prompts; inference: that many sequences in one
-batched greedy `generate` of the base model). Reported: the process's peak RSS, its RSS once the
-libraries are imported (before the model loads), their difference (what the work itself costs),
-and on a GPU `torch.cuda.max_memory_allocated`.
+batched greedy `generate` of the base model). Loading a quantized model peaks above what the
+loaded model holds (the checkpoint is read in full precision, then quantized), so the peak is
+reset once the model is loaded and two peaks are reported: the work's (from the loaded model
+on) and the whole process's. Per process: RSS once the libraries are imported, RSS once the model
+is loaded, the work's peak RSS and what it adds to the loaded model, the process's peak RSS; on a
+GPU the same for `torch.cuda.max_memory_allocated`. And where each peak comes from: the peak RSS
+of each phase (loading, SVD, generation, GRPO's log-probabilities and backward), sampled every 20 ms.
 
     python scripts/bench_memory.py [--recipe recipes/quickstart.toml] [--set KEY=VALUE ...] [--quick] [--json out.json]
         [--plot out.png]
@@ -14,11 +18,17 @@ and on a GPU `torch.cuda.max_memory_allocated`.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
+import gc
 import json
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +37,80 @@ QUICK = ["strategy.population=4", "data.prompts_per_iteration=2", "generation.ma
          "data.heldout_size=4"]
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS: now; VmHWM: peak since start or the last reset)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peaks() -> None:
+    # Loading's freed buffers would otherwise stay in glibc's arenas and count as the loaded model.
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def report_after_loading(load: Callable) -> Callable:
+    """`load_model`, reporting the loaded state and resetting the peaks once it returns."""
+    def loaded(*args, **kwargs):
+        result = load(*args, **kwargs)
+        reset_peaks()
+        report("loaded")
+        return result
+    return loaded
+
+
+class Phases:
+    """Peak RSS of each named phase of a worker, sampled every 20 ms on a thread: where its peak comes from."""
+
+    def __init__(self) -> None:
+        self.current = "other"
+        self.peaks: dict[str, float] = {}
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while self._running:
+            self._record(self.current)
+            time.sleep(0.02)
+
+    def _record(self, phase: str) -> None:
+        self.peaks[phase] = max(self.peaks.get(phase, 0.0), status_mb("VmRSS"))
+
+    def stop(self) -> dict[str, float]:
+        self._running = False
+        self._thread.join()
+        return self.peaks
+
+    def label(self, owner: object, name: str, phase: str) -> None:
+        """While `owner.name` runs, the phase is `phase` (except within phases labelled inside it)."""
+        function = getattr(owner, name)
+
+        @functools.wraps(function)
+        def labelled(*args, **kwargs):
+            outer, self.current = self.current, phase
+            self._record(phase)  # a phase shorter than the sampling period still gets a row
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._record(phase)
+                self.current = outer
+
+        setattr(owner, name, labelled)
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def run_inference(recipe_path: Path, overrides: list[str]) -> None:
+def run_inference(recipe_path: Path, overrides: list[str], phases: Phases) -> None:
     import torch
 
     from essa.data import load_splits, minibatch, render
@@ -47,7 +119,8 @@ def run_inference(recipe_path: Path, overrides: list[str]) -> None:
 
     recipe = load(recipe_path, overrides)
     report("imported")
-    model, tokenizer = load_model(recipe.model)
+    model, tokenizer = report_after_loading(load_model)(recipe.model)
+    phases.label(model, "generate", "generate")
     train, _ = load_splits(recipe.data, recipe.run.seed)
     batch = train.subset(minibatch(len(train), recipe.data.prompts_per_iteration, recipe.run.seed, 0))
     rows = render(tokenizer, batch.prompts(), recipe.data) * recipe.strategy.population
@@ -57,10 +130,15 @@ def run_inference(recipe_path: Path, overrides: list[str]) -> None:
                        temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
 
 
-def run_essa(recipe_path: Path, overrides: list[str]) -> None:
-    import essa.align  # noqa: F401  (the cli imports it lazily: the baseline must include it)
+def run_essa(recipe_path: Path, overrides: list[str], phases: Phases) -> None:
+    import essa.align  # the cli imports it lazily: the baseline must include it
     from essa.cli import main
+    from essa.engines import HFEngine
 
+    essa.align.load_model = report_after_loading(essa.align.load_model)
+    phases.label(essa.align, "load_model", "load model")
+    phases.label(essa.align, "build_space", "SVD of the adapted layers")
+    phases.label(HFEngine, "generate", "generate")
     report("imported")
     with tempfile.TemporaryDirectory() as out:
         code = main(["align", str(recipe_path), "--out", out, "--set", "run.iterations=1",
@@ -69,28 +147,33 @@ def run_essa(recipe_path: Path, overrides: list[str]) -> None:
         raise SystemExit(code)
 
 
-def run_grpo(recipe_path: Path, overrides: list[str]) -> None:
-    from grpo_baseline import grpo_trainer
+def run_grpo(recipe_path: Path, overrides: list[str], phases: Phases) -> None:
+    import grpo_baseline
+    from trl import GRPOTrainer
 
     from essa.recipe import load
 
+    grpo_baseline.load_model = report_after_loading(grpo_baseline.load_model)
+    phases.label(grpo_baseline, "load_model", "load model")
+    phases.label(GRPOTrainer, "training_step", "rest of the step (backward)")
+    phases.label(GRPOTrainer, "_generate", "generate")
+    phases.label(GRPOTrainer, "_get_per_token_logps_and_entropies", "log-probabilities forward")
     recipe = load(recipe_path, overrides)
     report("imported")
     with tempfile.TemporaryDirectory() as out:
-        trainer, _ = grpo_trainer(recipe, learning_rate=1e-5, steps=1, output_dir=out)
+        trainer, _ = grpo_baseline.grpo_trainer(recipe, learning_rate=1e-5, steps=1, output_dir=out)
         trainer.train()
 
 
-def report(phase: str) -> None:
+def report(phase: str, **extra: object) -> None:
     """Worker → parent, one JSON line per phase on stdout."""
-    row = {"phase": phase, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
-    try:
-        import torch
+    row = {"phase": phase, **extra, "rss_mb": status_mb("VmRSS"), "hwm_mb": status_mb("VmHWM"),
+           "peak_rss_mb": peak_rss_mb()}
+    import torch
 
-        if torch.cuda.is_available():
-            row["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        row |= {"gpu_mb": torch.cuda.memory_allocated() / 2**20,
+                "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
     print("BENCH " + json.dumps(row), flush=True)
 
 
@@ -102,9 +185,42 @@ def measure(worker: str, recipe: Path, overrides: list[str]) -> dict:
         sys.exit(f"error: the {worker} worker failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     rows = {r["phase"]: r for r in (json.loads(line[6:]) for line in done.stdout.splitlines()
                                     if line.startswith("BENCH "))}
-    peak = rows["done"]["peak_rss_mb"]
-    return {"worker": worker, "peak_rss_mb": peak, "imported_rss_mb": rows["imported"]["rss_mb"],
-            "work_rss_mb": peak - rows["imported"]["rss_mb"], "gpu_peak_mb": rows["done"].get("gpu_peak_mb")}
+    imported, loaded, done = rows["imported"], rows["loaded"], rows["done"]
+    result = {"worker": worker, "imported_rss_mb": imported["rss_mb"], "loaded_rss_mb": loaded["rss_mb"],
+              "work_peak_rss_mb": done["hwm_mb"], "work_added_rss_mb": done["hwm_mb"] - loaded["rss_mb"],
+              "peak_rss_mb": done["peak_rss_mb"], "phase_peak_rss_mb": done["phase_peaks"]}
+    if "gpu_peak_mb" in done:
+        result |= {"loaded_gpu_mb": loaded["gpu_mb"], "work_peak_gpu_mb": done["gpu_peak_mb"],
+                   "work_added_gpu_mb": done["gpu_peak_mb"] - loaded["gpu_mb"],
+                   "peak_gpu_mb": max(loaded["gpu_peak_mb"], done["gpu_peak_mb"])}
+    return result
+
+
+RSS_KEYS = ("work_peak_rss_mb", "work_added_rss_mb", "peak_rss_mb")
+GPU_KEYS = ("work_peak_gpu_mb", "work_added_gpu_mb", "peak_gpu_mb")
+
+
+def ratios_of(results: dict[str, dict]) -> dict[str, float]:
+    keys = RSS_KEYS + (GPU_KEYS if "peak_gpu_mb" in results["essa"] else ())
+    pairs = {"essa_over_inference": ("essa", "inference"), "grpo_over_inference": ("grpo", "inference"),
+             "grpo_over_essa": ("grpo", "essa")}
+    return {f"{name}_{k}": results[a][k] / results[b][k] for name, (a, b) in pairs.items() for k in keys}
+
+
+def print_table(results: dict[str, dict], ratios: dict[str, float], title: str) -> None:
+    print(title)
+    columns = {"after imports": "imported_rss_mb", "loaded": "loaded_rss_mb", "work peak": "work_peak_rss_mb",
+               "work adds": "work_added_rss_mb", "process peak": "peak_rss_mb"}
+    if "peak_gpu_mb" in results["essa"]:
+        columns |= {"GPU loaded": "loaded_gpu_mb", "GPU work peak": "work_peak_gpu_mb",
+                    "GPU work adds": "work_added_gpu_mb"}
+    print("MiB        " + "".join(f"{c:>15}" for c in columns))
+    for w, r in results.items():
+        print(f"{w:<11}" + "".join(f"{r[k]:>15.0f}" for k in columns.values()))
+    for w, r in results.items():
+        print(f"{w} peak RSS by phase: " + ", ".join(f"{p} {mb:.0f}" for p, mb in r["phase_peak_rss_mb"].items()))
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
 
 
 def plot(results: dict[str, dict], title: str, path: Path) -> None:
@@ -113,18 +229,20 @@ def plot(results: dict[str, dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gpu = all(r["gpu_peak_mb"] for r in results.values())
-    key, label = ("gpu_peak_mb", "peak GPU memory (MiB)") if gpu else ("peak_rss_mb", "peak RSS (MiB)")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    unit = "gpu" if "peak_gpu_mb" in results["essa"] else "rss"
     names = list(results)
-    bars = ax.bar(names, [results[n][key] for n in names], color=["tab:gray", "tab:blue", "tab:orange"])
-    if not gpu:
-        ax.bar(names, [results[n]["imported_rss_mb"] for n in names], color="white", alpha=0.5, hatch="//",
-               label="of which: libraries imported")
-        ax.legend()
-    ax.bar_label(bars, [f"{results[n][key]:.0f}" for n in names])
-    ax.set_ylabel(label)
+    loaded = [results[n][f"loaded_{unit}_mb"] for n in names]
+    added = [results[n][f"work_added_{unit}_mb"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(names, loaded, color="lightgray", label="loaded model (and libraries)")
+    bars = ax.bar(names, added, bottom=loaded, color=["tab:gray", "tab:blue", "tab:orange"],
+                  label="added by the work")
+    ax.scatter(names, [results[n][f"peak_{unit}_mb"] for n in names], marker="_", s=600, color="black",
+               label="process peak (loading included)", zorder=3)
+    ax.bar_label(bars, [f"{results[n][f'work_peak_{unit}_mb']:.0f}" for n in names])
+    ax.set_ylabel("peak GPU memory allocated (MiB)" if unit == "gpu" else "peak RSS (MiB)")
     ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -142,26 +260,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     overrides = (QUICK if args.quick else []) + args.overrides
     if args.worker:
+        phases = Phases()
         {"inference": run_inference, "essa": run_essa, "grpo": run_grpo}[args.worker](args.recipe.resolve(),
-                                                                                      overrides)
-        report("done")
+                                                                                      overrides, phases)
+        report("done", phase_peaks=phases.stop())
         return {}
     results = {w: measure(w, args.recipe.resolve(), overrides) for w in WORKERS}
-    base = results["inference"]
-    ratios = {f"{w}_over_inference_{k}": results[w][k] / base[k] for w in ("essa", "grpo")
-              for k in ("peak_rss_mb", "work_rss_mb")}
-    ratios |= {f"grpo_over_essa_{k}": results["grpo"][k] / results["essa"][k] for k in ("peak_rss_mb", "work_rss_mb")}
-    if base["gpu_peak_mb"]:
-        ratios |= {"essa_over_inference_gpu": results["essa"]["gpu_peak_mb"] / base["gpu_peak_mb"],
-                   "grpo_over_essa_gpu": results["grpo"]["gpu_peak_mb"] / results["essa"]["gpu_peak_mb"]}
+    ratios = ratios_of(results)
     title = f"recipe {args.recipe.name} {' '.join(overrides)}".strip()
-    print(title)
-    print(f"{'':<11}{'peak RSS MiB':>14}{'after imports':>15}{'work MiB':>10}{'GPU peak MiB':>14}")
-    for w, r in results.items():
-        gpu = f"{r['gpu_peak_mb']:>14.0f}" if r["gpu_peak_mb"] else f"{'-':>14}"
-        print(f"{w:<11}{r['peak_rss_mb']:>14.0f}{r['imported_rss_mb']:>15.0f}{r['work_rss_mb']:>10.0f}{gpu}")
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}")
+    print_table(results, ratios, title)
     if args.plot:
         plot(results, title, args.plot)
     report_ = {"recipe": str(args.recipe), "overrides": overrides, "results": results, "ratios": ratios}

@@ -47,6 +47,7 @@ def test_bench_population_quick_reports_every_precision(tiny_model_dir, tmp_path
     for row in rows:
         assert row["base_tokens_per_s"] > 0 and row["population_tokens_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["population_tokens_per_s"] / row["base_tokens_per_s"])
+        assert 0 < row["term_share"] < 1
     assert json.loads((tmp_path / "population.json").read_text()) == json.loads(json.dumps(report))
     assert "nf4" in capsys.readouterr().out
     assert (tmp_path / "population.png").stat().st_size > 0
@@ -66,10 +67,18 @@ def test_bench_memory_quick_measures_three_processes(tiny_recipe, tmp_path):
                          "--plot", str(tmp_path / "memory.png")])
     assert set(report["results"]) == {"inference", "essa", "grpo"}
     for row in report["results"].values():
-        assert row["peak_rss_mb"] >= row["imported_rss_mb"] > 100  # torch alone is more than 100 MiB
-    ratios = report["ratios"]
-    assert ratios["grpo_over_essa_peak_rss_mb"] == pytest.approx(
-        report["results"]["grpo"]["peak_rss_mb"] / report["results"]["essa"]["peak_rss_mb"])
+        assert row["imported_rss_mb"] > 100  # torch alone is more than 100 MiB
+        assert row["peak_rss_mb"] >= row["work_peak_rss_mb"] >= row["loaded_rss_mb"] > row["imported_rss_mb"]
+        assert row["work_added_rss_mb"] == pytest.approx(row["work_peak_rss_mb"] - row["loaded_rss_mb"])
+    results, ratios = report["results"], report["ratios"]
+    assert {"load model", "SVD of the adapted layers", "generate"} <= set(results["essa"]["phase_peak_rss_mb"])
+    assert {"generate", "log-probabilities forward", "rest of the step (backward)"} <= set(
+        results["grpo"]["phase_peak_rss_mb"])
+    assert max(results["grpo"]["phase_peak_rss_mb"].values()) <= results["grpo"]["peak_rss_mb"] + 1
+    assert ratios["grpo_over_essa_work_added_rss_mb"] == pytest.approx(
+        results["grpo"]["work_added_rss_mb"] / results["essa"]["work_added_rss_mb"])
+    assert ratios["essa_over_inference_work_peak_rss_mb"] == pytest.approx(
+        results["essa"]["work_peak_rss_mb"] / results["inference"]["work_peak_rss_mb"])
     assert (tmp_path / "memory.png").stat().st_size > 0
 
 
