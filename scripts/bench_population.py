@@ -4,7 +4,9 @@ For each engine and precision: generated tokens/s of P candidates × B prompts i
 candidate its own adapter) against the base model generating the same P × B sequences with no
 adapter, same prompts, same number of new tokens (fixed length: EOS ignored), same dtype and
 quantization. Both are warmed up, then measured alternately `--repeats` times; the best of each
-is reported. For the vLLM engine also the seconds spent writing and loading the P adapters.
+is reported. For the HF engine on a CPU also the share of a population call spent in the
+per-row low-rank terms (timed in one more call); for the vLLM engine the seconds spent writing
+and loading the P adapters.
 
     python scripts/bench_population.py [--engines hf,vllm] [--precisions fp32,bf16,int8,nf4]
         [--model smollm2-135m-instruct | --random qwen2.5-1.5b] [--quick] [--json out.json] [--plot out.png]
@@ -19,6 +21,7 @@ import argparse
 import json
 import platform
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +31,7 @@ from random_models import SHAPES, build_random_model
 
 from essa.data import load_splits, render
 from essa.engines import HFEngine
+from essa.engines.hf import _RowLoRA
 from essa.errors import EssaError
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import DataSection, ModelSection
@@ -86,7 +90,31 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], population: int, tokens:
     best = best_of(repeats, {"base": base, "population": population_call})
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"base_tokens_per_s": best["base"], "population_tokens_per_s": best["population"],
-            "search_dim": space.dim, "peak_gpu_mb": peak}
+            "search_dim": space.dim, "peak_gpu_mb": peak, "term_share": term_share(population_call)}
+
+
+def term_share(population_call: Callable[[], tuple[int, float]]) -> float | None:
+    """Share of one extra population call spent in the per-row low-rank terms, the population's
+    only extra work: the terms alone allow a ratio of about 1 - share, so a lower ratio is noise
+    or a cost outside them. CPU only, where every op has completed when the hook returns."""
+    if torch.cuda.is_available():
+        return None
+    spent = 0.0
+    term = _RowLoRA.__call__
+
+    def timed(self: _RowLoRA, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        nonlocal spent
+        start = time.perf_counter()
+        result = term(self, module, args, output)
+        spent += time.perf_counter() - start
+        return result
+
+    _RowLoRA.__call__ = timed
+    try:
+        _, seconds = population_call()
+    finally:
+        _RowLoRA.__call__ = term
+    return spent / seconds
 
 
 def vllm_space(source: str, rank: int) -> SVDSpace:
@@ -153,15 +181,19 @@ def run(args: argparse.Namespace, model: str) -> list[dict]:
     return results
 
 
+def cell(row: dict, key: str, width: int) -> str:
+    return f"{row[key]:>{width}.3f}" if row.get(key) is not None else f"{'-':>{width}}"
+
+
 def print_table(results: list[dict], header: str) -> None:
     print(header)
-    print(f"{'engine':<8}{'precision':<11}{'base tok/s':>12}{'population tok/s':>18}{'ratio':>8}"
+    print(f"{'engine':<8}{'precision':<11}{'base tok/s':>12}{'population tok/s':>18}{'ratio':>8}{'term share':>12}"
           f"{'adapter write s':>17}{'adapter load s':>16}")
     for r in results:
         print(f"{r['engine']:<8}{r['precision']:<11}{r['base_tokens_per_s']:>12.1f}"
-              f"{r['population_tokens_per_s']:>18.1f}{r['ratio']:>8.3f}"
-              f"{r.get('seconds_adapter_write_per_iteration', float('nan')):>17.3f}"
-              f"{r.get('seconds_adapter_load_per_iteration', float('nan')):>16.3f}")
+              f"{r['population_tokens_per_s']:>18.1f}{r['ratio']:>8.3f}{cell(r, 'term_share', 12)}"
+              f"{cell(r, 'seconds_adapter_write_per_iteration', 17)}"
+              f"{cell(r, 'seconds_adapter_load_per_iteration', 16)}")
 
 
 def plot(results: list[dict], title: str, path: Path) -> None:
@@ -179,7 +211,7 @@ def plot(results: list[dict], title: str, path: Path) -> None:
     ax.bar_label(bars, [f"{r['ratio']:.2f}×" for r in results])
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("generated tokens/s")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=9)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
