@@ -8,7 +8,7 @@ seconds for every run (plot), final held-out reward, peak RSS, and the seconds e
 reach the better method's final held-out reward. Each run is its own process; finished runs are
 reused when the command is repeated with the same --out.
 
-    python scripts/compare_grpo.py [--recipe recipes/quickstart.toml] [--learning-rates 1e-5,1e-4,1e-3]
+    python scripts/compare_grpo.py [--recipe recipes/quickstart.toml] [--learning-rates 1e-5,1e-4,1e-3,1e-2,3e-2]
         [--grpo-eval-every 2] [--set KEY=VALUE ...] [--quick] [--out runs/compare-grpo] [--json PATH]
 """
 
@@ -86,10 +86,17 @@ def summarize(essa: dict, grpo: dict[str, dict]) -> dict:
     finals = {"essa": essa["curve"][-1]["heldout_reward"], "grpo": grpo[best_lr]["curve"][-1]["heldout_reward"]}
     target = max(finals.values())
     reach = {"essa": seconds_to_reach(essa["curve"], target), "grpo": seconds_to_reach(grpo[best_lr]["curve"], target)}
+    # The issue's time target: how long essa takes to reach GRPO's final, against GRPO's own time to it.
+    to_grpo_final = {"essa": seconds_to_reach(essa["curve"], finals["grpo"]),
+                     "grpo": seconds_to_reach(grpo[best_lr]["curve"], finals["grpo"])}
+    time_ratio = (to_grpo_final["essa"] / to_grpo_final["grpo"]
+                  if to_grpo_final["essa"] is not None and to_grpo_final["grpo"] else None)
     peaks = {"essa": essa["peak_rss_mb"], "grpo": grpo[best_lr]["peak_rss_mb"]}
     return {"grpo_best_learning_rate": float(best_lr), "initial_heldout_reward": essa["curve"][0]["heldout_reward"],
-            "final_heldout_reward": finals, "target": target, "seconds_to_target": reach, "peak_rss_mb": peaks,
-            "grpo_over_essa_peak_rss": peaks["grpo"] / peaks["essa"], "budget_s": essa["train_seconds"]}
+            "final_heldout_reward": finals, "target": target, "seconds_to_target": reach,
+            "seconds_to_grpo_final": to_grpo_final, "essa_over_grpo_seconds_to_grpo_final": time_ratio,
+            "peak_rss_mb": peaks, "grpo_over_essa_peak_rss": peaks["grpo"] / peaks["essa"],
+            "budget_s": essa["train_seconds"]}
 
 
 def plot(essa: dict, grpo: dict[str, dict], path: Path) -> None:
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "quickstart.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, for both methods")
-    parser.add_argument("--learning-rates", default="1e-5,1e-4,1e-3", help="GRPO learning-rate sweep")
+    parser.add_argument("--learning-rates", default="1e-5,1e-4,1e-3,1e-2,3e-2", help="GRPO learning-rate sweep")
     parser.add_argument("--grpo-eval-every", type=int, default=2, help="GRPO steps between held-out evaluations")
     parser.add_argument("--quick", action="store_true", help=f"one learning rate (the first) and {' '.join(QUICK)}")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare-grpo")
@@ -147,6 +154,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"target (the better final) {summary['target']:.4f}: essa reaches it at "
           f"{_seconds(reach['essa'])}, GRPO (lr {summary['grpo_best_learning_rate']:g})"
           f" at {_seconds(reach['grpo'])}; GRPO/essa peak RSS {summary['grpo_over_essa_peak_rss']:.2f}")
+    to_grpo = summary["seconds_to_grpo_final"]
+    ratio = summary["essa_over_grpo_seconds_to_grpo_final"]
+    ratio_text = f" (essa/GRPO {ratio:.2f})" if ratio is not None else ""
+    print(f"GRPO's final {summary['final_heldout_reward']['grpo']:.4f}: essa reaches it at "
+          f"{_seconds(to_grpo['essa'])}, GRPO at {_seconds(to_grpo['grpo'])}{ratio_text}")
     report = {"recipe": str(args.recipe), "overrides": overrides, "essa": essa, "grpo": grpo, "summary": summary}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -94,5 +94,21 @@ def test_compare_grpo_quick_runs_both_methods_on_the_same_budget(tiny_recipe, tm
     assert grpo["curve"][-1]["step"] >= 1 and grpo["train_seconds"] >= report["essa"]["train_seconds"]
     summary = report["summary"]
     assert summary["target"] == max(summary["final_heldout_reward"].values())
+    assert summary["seconds_to_grpo_final"]["grpo"] <= grpo["train_seconds"]  # its curve reaches its own final
     assert (tmp_path / "out" / "essa_vs_grpo.png").stat().st_size > 0
     assert compare.main(argv)["summary"] == summary  # a rerun reuses the finished runs
+
+
+def test_compare_grpo_summary_times_essa_to_grpos_final():
+    def run(points: list[tuple[float, float]]) -> dict:
+        return {"curve": [{"step": i, "seconds": t, "heldout_reward": r} for i, (t, r) in enumerate(points)],
+                "peak_rss_mb": 100.0, "train_seconds": points[-1][0]}
+
+    essa = run([(0, 0.3), (100, 0.4), (200, 0.6)])
+    grpo = {"1e-3": run([(0, 0.3), (150, 0.35), (300, 0.32)]), "1e-2": run([(0, 0.3), (150, 0.45), (300, 0.5)])}
+    summary = script("compare_grpo").summarize(essa, grpo)
+    assert summary["grpo_best_learning_rate"] == 0.01
+    assert summary["final_heldout_reward"] == {"essa": 0.6, "grpo": 0.5}
+    assert summary["seconds_to_target"] == {"essa": 200, "grpo": None}  # GRPO never reaches essa's 0.6
+    assert summary["seconds_to_grpo_final"] == {"essa": 200, "grpo": 300}
+    assert summary["essa_over_grpo_seconds_to_grpo_final"] == pytest.approx(2 / 3)
