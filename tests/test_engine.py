@@ -67,6 +67,12 @@ def test_quantized_engine_matches_peft_on_real_bitsandbytes_layers(tiny_model_di
     mask = batch["attention_mask"].bool()
     # LLM.int8 picks outlier columns over the whole batch, so its base matmul depends on the batch's
     # rows; comparing one member at a time on the same rows isolates the engine's low-rank term.
+    # On CPUs with AVX512-BF16, bitsandbytes computes 4-bit matmuls in bf16: the last-bit differences
+    # of the two (equal) fp32 low-rank terms become bf16 rounding flips in the next layer (measured:
+    # logits differ by up to 0.02, while the candidate moves them by about 3).
+    from bitsandbytes.functional import has_avx512bf16
+
+    tolerance = 5e-2 if quantization == "nf4" and has_avx512bf16() else 1e-4
     for member, candidate in enumerate(candidates):
         engine.lora.set_rows(candidate[None], torch.zeros(len(PROMPTS), dtype=torch.long))
         reference = peft_model(tiny_model_dir, space, candidate, torch.float32, quantization)
@@ -75,7 +81,7 @@ def test_quantized_engine_matches_peft_on_real_bitsandbytes_layers(tiny_model_di
             expected = reference(**batch).logits
             with reference.disable_adapter():
                 base_logits = reference(**batch).logits
-        assert torch.allclose(logits[mask], expected[mask], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(logits[mask], expected[mask], atol=tolerance, rtol=tolerance)
         assert not torch.allclose(expected[mask], base_logits[mask], atol=1e-2), "the candidate must change outputs"
 
 

@@ -44,10 +44,29 @@ def test_quickstart_runs_and_its_adapter_reloads_in_peft(tmp_path, smollm2_dir):
     prompts = render(tokenizer, heldout.prompts(), recipe.data)
     engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, 64)
     expected = engine.generate(torch.as_tensor(center)[None], prompts).completions[0]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    mask = batch["attention_mask"].bool()
+    engine.lora.set_rows(torch.as_tensor(center)[None], torch.zeros(len(prompts), dtype=torch.long))
+    with torch.no_grad():
+        evolved = model(**batch).logits[mask]
     engine.close()
+    with torch.no_grad():
+        base = model(**batch).logits[mask]
 
-    peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    assert greedy(peft_model, tokenizer, prompts, recipe.generation.max_new_tokens) == expected
+    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place for its kernel at the first
+    # forward (dequantizing them afterwards gives other values), so peft gets a model of its own.
+    peft_model = PeftModel.from_pretrained(load_model(recipe.model)[0], str(adapter)).eval()
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        assert greedy(peft_model, tokenizer, prompts, recipe.generation.max_new_tokens) == expected
+        return
+    # There that kernel computes in bf16: over 30 layers the rounding of two equal fp32 low-rank terms
+    # moves logits by about 1 (measured 1.16) while the adapter moves them by about 12, so greedy text
+    # may part; the logits must still be far closer to the engine's than to the base model's.
+    with torch.no_grad():
+        reloaded = peft_model(**batch).logits[mask]
+    assert (reloaded - evolved).abs().max() < 0.25 * (evolved - base).abs().max()
 
 
 def test_int8_quickstart_iteration_and_merged_export(tmp_path):
