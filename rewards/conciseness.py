@@ -22,5 +22,5 @@ def score(completion: str, reference: str) -> float:
     return min(1.0, len(reference.split()) / max(1, len(completion.split())))
 
 
-def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-    return [score(c, a) for c, a in zip(completions, answer)]
+def reward(prompts: list[str], completions: list[str], answer: list[Any], **_: Any) -> list[float]:
+    return [score(c, str(a)) for c, a in zip(completions, answer)]

@@ -17,7 +17,6 @@ from typing import Any
 
 MAX_CHARS = 200  # longer "expressions" are not Countdown answers and are not parsed
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 class Invalid(ValueError):
@@ -52,10 +51,15 @@ def evaluate(expression: str) -> tuple[Fraction, list[int]]:
 
 
 def answer_text(completion: str) -> str:
-    """The text inside the last <answer>...</answer>, else the last non-empty line (without `= target`)."""
-    tagged = ANSWER.findall(completion)
-    text = tagged[-1] if tagged else (completion.strip().splitlines() or [""])[-1]
-    return text.split("=")[0]
+    """The text inside the last <answer>...</answer>, else the last non-empty line (without `= target`).
+    String searches, not a regex: a lazy `<answer>(.*?)</answer>` is quadratic on unclosed tags."""
+    end = completion.rfind("</answer>")
+    start = completion.rfind("<answer>", 0, end) if end >= 0 else -1
+    if start >= 0:
+        text = completion[start + len("<answer>"):end]
+    else:
+        text = (completion.strip().splitlines() or [""])[-1]
+    return text[: MAX_CHARS + 1].split("=")[0]
 
 
 def score(completion: str, numbers: list[int], target: int) -> float:

@@ -105,11 +105,23 @@ def reward(prompts: list[str], completions: list[str], instruction_id_list: list
            kwargs: list[list[dict]], mode: str = "strict", per_prompt: str = "fraction", **_: Any) -> list[float]:
     """Per prompt: the fraction of its instructions followed (`per_prompt="fraction"`) or 1 only
     when all are (`"all"`), judged strictly or loosely (`mode`)."""
+    if mode not in ("strict", "loose") or per_prompt not in ("fraction", "all"):
+        raise ValueError(f"mode must be 'strict' or 'loose' and per_prompt 'fraction' or 'all', "
+                         f"got {mode!r} and {per_prompt!r}")
     scores = []
     for prompt, response, ids, kws in zip(prompts, completions, instruction_id_list, kwargs):
         followed = verdicts(prompt, response, ids, kws, loose=mode == "loose")
         scores.append(float(all(followed)) if per_prompt == "all" else sum(followed) / len(followed))
     return scores
+
+
+def instruction_verdicts(prompts: list[str], completions: list[str], instruction_id_list: list[list[str]],
+                         kwargs: list[list[dict]], **_: Any) -> list[dict[str, list[bool]]]:
+    """Per prompt, IFEval's strict and loose verdict for each of its instructions (what `essa score`
+    and `essa eval` report), in the shape of lm-eval's output rows."""
+    return [{"follow_instruction_list_strict": verdicts(p, r, ids, kws, loose=False),
+             "follow_instruction_list_loose": verdicts(p, r, ids, kws, loose=True)}
+            for p, r, ids, kws in zip(prompts, completions, instruction_id_list, kwargs)]
 
 
 def _seeded_description(instruction, seed: int) -> tuple[str, dict]:
