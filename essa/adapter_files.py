@@ -18,13 +18,33 @@ if TYPE_CHECKING:
     from essa.svd import SVDSpace
 
 
-def read_peft_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
+def read_adapter_config(adapter_dir: Path, option: str) -> dict:
+    """adapter_config.json, checked for what essa uses: `r` and `lora_alpha` as positive numbers."""
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise EssaError(f"{option}: no PEFT adapter (adapter_config.json) in directory {str(adapter_dir)!r}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EssaError(f"{option}: {path} is damaged ({type(err).__name__}); re-export the adapter") from None
+    valid = isinstance(config, dict) and all(
+        isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool) and config[k] > 0
+        for k in ("r", "lora_alpha"))
+    if not valid:
+        raise EssaError(f"{option}: {path} needs positive numbers 'r' and 'lora_alpha'")
+    return config
+
+
+def read_peft_adapter(adapter_dir: Path, option: str = "lora.adapter") -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
     """(adapter_config, {module name: (lora_A, lora_B)}) from a PEFT adapter directory."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = read_adapter_config(adapter_dir, option)
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not weights_file.is_file():
-        raise EssaError(f"lora.adapter: {adapter_dir} has no adapter_model.safetensors")
-    tensors = load_file(str(weights_file))
+        raise EssaError(f"{option}: {adapter_dir} has no adapter_model.safetensors")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for any damage
+        raise EssaError(f"{option}: {weights_file} is damaged ({type(err).__name__}); re-export the adapter") from None
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         for part in ("lora_A", "lora_B"):
@@ -32,7 +52,11 @@ def read_peft_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[Tensor, 
             if marker in key:
                 name = key.split(marker)[0].removeprefix("base_model.model.")
                 pairs.setdefault(name, {})[part] = value.float()
-    return config, {name: (p["lora_A"], p["lora_B"]) for name, p in pairs.items()}
+    factors = {name: (p["lora_A"], p["lora_B"]) for name, p in pairs.items() if len(p) == 2}
+    shapes_ok = all(a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] for a, b in factors.values())
+    if not factors or len(factors) != len(pairs) or not shapes_ok:
+        raise EssaError(f"{option}: {weights_file} holds no matching lora_A/lora_B pairs of rank r")
+    return config, factors
 
 
 def write_peft_adapter(space: "SVDSpace", center: np.ndarray, base_model: str, out: Path) -> None:

@@ -16,18 +16,18 @@ from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from essa import checkpoint
-from essa.data import Dataset, load_splits, minibatch, render
+from essa.data import Dataset, minibatch, render
 from essa.engines import HFEngine
 from essa.engines.vllm import VLLMEngine, check_supported, memory_args
 from essa.errors import EssaError
+from essa.files import write_text
 from essa.metrics import MetricsLog, peak_memory_mb, plot
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+from essa.preflight import CHECKPOINTS, METRICS_FILE, RECIPE_FILE, SPACE_FILE, Inputs, check_inputs, check_run_dir
 from essa.recipe import Recipe
 from essa.scoring import Scorer
 from essa.strategies import State, Strategy, make_strategy
 from essa.svd import SVDSpace, build_space
-
-SPACE_FILE, RECIPE_FILE = "space.safetensors", "recipe.json"
 
 
 @dataclass
@@ -95,12 +95,11 @@ def vllm_engine(recipe: Recipe, run_dir: Path) -> tuple[VLLMEngine, PreTrainedTo
     return engine, load_tokenizer(source)
 
 
-def build_parts(recipe: Recipe, run_dir: Path) -> Parts:
+def build_parts(recipe: Recipe, run_dir: Path, inputs: Inputs) -> Parts:
     engine, tokenizer = (vllm_engine if recipe.run.engine == "vllm" else hf_engine)(recipe, run_dir)
-    train, heldout = load_splits(recipe.data, recipe.run.seed)
-    reward = recipe.reward
-    return Parts(recipe, engine, tokenizer, train, heldout, render(tokenizer, heldout.prompts(), recipe.data),
-                 Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s))
+    heldout = inputs.heldout
+    return Parts(recipe, engine, tokenizer, inputs.train, heldout, render(tokenizer, heldout.prompts(), recipe.data),
+                 inputs.scorer)
 
 
 def step(parts: Parts, strategy: Strategy, state: State) -> tuple[State, dict]:
@@ -162,7 +161,7 @@ def report(run_dir: Path, recipe: Recipe, rows: list[dict], best: Best, baseline
     summary = {"baseline_heldout_reward": baseline, "final_heldout_reward": final,
                "best_heldout_reward": best.reward, "best_iteration": best.iteration, "iterations": iterations,
                "seconds_this_session": seconds, "peak_memory_mb": peak_memory_mb(), "run_dir": str(run_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     table = Table(title="essa align: held-out reward of the center")
     for column in ("initial", "final", "best", "best at iteration"):
         table.add_column(column)
@@ -174,27 +173,28 @@ def report(run_dir: Path, recipe: Recipe, rows: list[dict], best: Best, baseline
 
 
 def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Console) -> dict:
-    ckpt_root = run_dir / "checkpoints"
-    if not resume and ckpt_root.exists() and any(ckpt_root.glob("iter-*")):
-        raise EssaError(f"--out: {run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / SPACE_FILE).unlink(missing_ok=True)
-    (run_dir / RECIPE_FILE).write_text(json.dumps(raw, indent=1))
     started = time.perf_counter()
-
-    with console.status("loading model and building the SVD space..."):
-        parts = build_parts(recipe, run_dir)
+    check_run_dir(run_dir, resume)
+    with console.status("checking the model config, data and reward..."):
+        inputs = check_inputs(recipe)
     try:
-        return evolve(parts, run_dir, resume, started, console)
+        if not resume:
+            (run_dir / SPACE_FILE).unlink(missing_ok=True)
+        write_text(run_dir / RECIPE_FILE, json.dumps(raw, indent=1))
+        with console.status("loading model and building the SVD space..."):
+            parts = build_parts(recipe, run_dir, inputs)
+        try:
+            return evolve(parts, run_dir, resume, started, console)
+        finally:
+            parts.engine.close()  # also on Ctrl-C: the vLLM engine removes its scratch adapters
     finally:
-        parts.engine.close()  # also on Ctrl-C: the vLLM engine removes its scratch adapters
+        inputs.scorer.close()
 
 
 def evolve(parts: Parts, run_dir: Path, resume: bool, started: float, console: Console) -> dict:
     """Restore or start, then iterate to run.iterations, checkpointing after every iteration."""
     recipe, run = parts.recipe, parts.recipe.run
-    ckpt_root, metrics = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl")
+    ckpt_root, metrics = run_dir / CHECKPOINTS, MetricsLog(run_dir / METRICS_FILE)
     space = parts.engine.space
     strategy = make_strategy(recipe.strategy, space.dim, run.seed, run.iterations)
     console.print(f"search space: {len(space.modules)} modules, rank {space.rank}, {space.dim} trainable singular "
@@ -210,6 +210,9 @@ def evolve(parts: Parts, run_dir: Path, resume: bool, started: float, console: C
         metrics.truncate(-1)
         with console.status("evaluating the initial adapter on held-out prompts..."):
             baseline, failures = parts.heldout_reward(state.center)
+        if failures == len(parts.heldout):  # training on all-zero rewards would look like a run and be none
+            raise EssaError(f"reward {parts.scorer.name!r} failed on every held-out row ({parts.scorer.first_error}); "
+                            "nothing was trained: fix the reward, its reward.kwargs or the data's columns")
         best = Best(state.center.copy(), baseline, 0)
         metrics.append({"iteration": 0, "heldout_reward": baseline, "reward_failures": failures,
                         "peak_memory_mb": peak_memory_mb()})

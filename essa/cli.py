@@ -11,6 +11,16 @@ from essa import recipe as recipes
 from essa.errors import EssaError
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="essa", description="Align LLMs with evolution strategies over the singular values of LoRA adapters.")
@@ -50,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--reward-kwargs", default="{}", metavar="JSON", help="keyword arguments for the reward")
     score.add_argument("--input", required=True, type=Path, metavar="FILE", help="rows to score (.jsonl)")
     score.add_argument("--output", required=True, type=Path, metavar="FILE", help="scored rows (.jsonl)")
+    score.add_argument("--timeout-s", type=float, default=60.0, metavar="S",
+                       help="time limit of one reward call in seconds; a call over it is stopped and its rows "
+                            "score 0 (default: 60)")
+    score.add_argument("--memory-gb", type=float, default=4.0, metavar="GB",
+                       help="address-space limit of the reward process in GiB (default: 4)")
 
     evaluate = sub.add_parser("eval", help="compare the base model and an adapter on held-out prompts",
                               description="Generate on the recipe's held-out prompts with the base model and, "
@@ -58,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                                           "and write a JSON report with the metrics and completions.")
     evaluate.add_argument("recipe", type=Path, metavar="RECIPE", help="TOML recipe (model, data, reward)")
     evaluate.add_argument("--adapter", type=Path, metavar="DIR", help="a PEFT LoRA adapter, e.g. from essa export")
-    evaluate.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N held-out prompts")
+    evaluate.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N held-out prompts")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a recipe key, as for `essa align`")
     evaluate.add_argument("--report", type=Path, default=Path("eval-report.json"), metavar="FILE",
@@ -80,13 +95,14 @@ def _parser() -> argparse.ArgumentParser:
 def _align(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from essa.align import RECIPE_FILE, align
+    from essa.align import align
+    from essa.preflight import RECIPE_FILE
 
     path = args.recipe or recipes.bundled("quickstart")
     run_dir = args.out or Path("runs") / path.stem
     saved = run_dir / RECIPE_FILE
-    if args.resume and saved.is_file():
-        raw, source = json.loads(saved.read_text()), str(saved)
+    if args.resume and saved.exists():
+        raw, source = recipes.read_saved(saved), str(saved)
     else:
         raw, source = recipes.read_raw(path), str(path)
     raw = recipes.apply_overrides(raw, args.overrides, source)
@@ -102,7 +118,9 @@ def _align(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from essa.export import export_adapter, export_merged
+    from essa.files import check_writable_dir
 
+    check_writable_dir(args.adapter or args.merged, "--adapter" if args.adapter else "--merged")
     if args.adapter:
         print(f"wrote PEFT adapter to {args.adapter} ({export_adapter(args.run_dir, args.adapter, args.center)})")
     else:
@@ -112,10 +130,35 @@ def _export(args: argparse.Namespace) -> None:
 def _recipe_check(args: argparse.Namespace) -> None:
     import torch
 
+    from essa.data import is_hub
+    from essa.models import is_hub_id
     from essa.plan import plan
+    from essa.preflight import check_model, load_data
+    from essa.scoring import Scorer
 
     recipe = recipes.load(args.recipe, args.overrides)
+    notes = []
+    try:
+        check_model(recipe)
+    except EssaError as err:
+        if not is_hub_id(recipe.model.name_or_path):
+            raise
+        notes.append(f"  model not checked: {err}")
+    columns = None
+    try:
+        train, heldout = load_data(recipe)
+        columns = sorted(set(train.columns()) & set(heldout.columns()))
+        notes.append(f"  data: {len(train)} training and {len(heldout)} held-out prompts")
+    except EssaError as err:
+        if not any(is_hub(s) for s in (recipe.data.source, recipe.data.heldout_source) if s):
+            raise
+        notes.append(f"  data not checked: {err}")
+    reward = recipe.reward
+    Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb,
+                       columns).close()
     print(f"{args.recipe}: valid")
+    for note in notes:
+        print(note)
     model = recipe.model
     print(f"  model: {model.name_or_path} (quantization {model.quantization}, dtype {model.dtype}), "
           f"engine {recipe.run.engine}, strategy {recipe.strategy.name}, reward {recipe.reward.name}")
@@ -154,7 +197,9 @@ def _score(args: argparse.Namespace) -> None:
         raise EssaError(f"--reward-kwargs: not valid JSON ({err.msg})") from None
     if not isinstance(kwargs, dict):
         raise EssaError("--reward-kwargs: expected a JSON object")
-    metrics = score_file(args.reward, kwargs, args.input, args.output)
+    if not 0 < args.timeout_s <= 86400 or not 0.5 <= args.memory_gb <= 4096:
+        raise EssaError("--timeout-s: expected a number in (0, 86400]; --memory-gb: in [0.5, 4096]")
+    metrics = score_file(args.reward, kwargs, args.input, args.output, args.timeout_s, args.memory_gb)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     print(f"wrote {args.output}")
@@ -165,7 +210,9 @@ def _eval(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     from essa.evaluate import evaluate, write_report
+    from essa.files import check_output_file
 
+    check_output_file(args.report, "--report")
     report = evaluate(recipes.load(args.recipe, args.overrides), args.adapter, args.limit)
     write_report(report, args.report)
     results = report["results"]
@@ -191,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     except EssaError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # the environment, not the input: a full disk, a vanished directory
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -52,35 +52,46 @@ def data_dirs() -> list[Path]:
     return dirs + [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, option: str) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise EssaError(f"{option}: {path} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise EssaError(f"{option}: cannot read {path} ({err.strerror})") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise EssaError(f"data.source: {path}:{n}: not valid JSON ({err.msg})") from None
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise EssaError(f"{option}: {path}:{n}: not valid JSON ({getattr(err, 'msg', 'nested too deeply')})"
+                                ) from None
+            if not isinstance(row, dict):
+                raise EssaError(f"{option}: {path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
     return rows
 
 
-def read_file(path: Path) -> list[dict[str, Any]]:
+def read_file(path: Path, option: str = "data.source") -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, option)
     if path.suffix not in FILE_TYPES:
-        raise EssaError(f"data.source: {path} is not one of {', '.join(FILE_TYPES)}")
+        raise EssaError(f"{option}: {path} is not one of {', '.join(FILE_TYPES)}")
     import datasets
 
     try:
         return list(datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train"))
     except Exception as err:  # malformed file: one line, not a traceback
-        raise EssaError(f"data.source: cannot read {path} ({type(err).__name__}: {err})") from None
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise EssaError(f"{option}: cannot read {path} ({type(err).__name__}: {first})") from None
 
 
 def read_hub(name: str, config: str, split: str) -> list[dict[str, Any]]:
     for root in data_dirs():
         local = LOCAL_COPIES.get((name, split))
         if local and (root / local).is_file():
-            return _read_jsonl(root / local)
+            return _read_jsonl(root / local, "data.source")
     import datasets
 
     try:
@@ -92,13 +103,24 @@ def read_hub(name: str, config: str, split: str) -> list[dict[str, Any]]:
                         ".jsonl/.json/.parquet/.csv file") from None
 
 
+def is_hub(source: str) -> bool:
+    """Neither a built-in generator nor something that looks like a local file: a hub dataset id."""
+    path = Path(source).expanduser()
+    return not (source in GENERATORS or path.suffix in FILE_TYPES or source.startswith((".", "/", "~"))
+                or path.exists())
+
+
 def read_rows(cfg: DataSection, split: str) -> list[dict[str, Any]]:
     path = Path(cfg.source).expanduser()
-    if path.suffix in FILE_TYPES and not path.is_file():
+    looks_local = not is_hub(cfg.source)
+    if looks_local and not path.is_file():
         raise EssaError(f"data.source: file {cfg.source!r} not found (nor a built-in generator: "
                         f"{', '.join(sorted(GENERATORS))})")
-    rows = read_file(path) if path.is_file() else read_hub(cfg.source, cfg.config, split)
+    rows = read_file(path) if looks_local else read_hub(cfg.source, cfg.config, split)
     # data.columns maps a reward's argument name to the dataset column that feeds it.
+    absent = next((col for col in cfg.columns.values() if rows and col not in rows[0]), None)
+    if absent is not None:
+        raise EssaError(f"data.columns: {cfg.source} has no column {absent!r} (columns: {', '.join(rows[0])})")
     rows = [{**row, **{arg: row[col] for arg, col in cfg.columns.items() if col in row}} for row in rows]
     missing = next((i for i, r in enumerate(rows) if cfg.prompt_field not in r), None)
     if missing is not None:

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from essa.data import load_splits, render
+from essa.data import render
 from essa.engines import HFEngine
-from essa.errors import EssaError
+from essa.files import write_text
 from essa.models import load_model
+from essa.preflight import check_model, load_data
 from essa.recipe import Recipe
 from essa.score import ifeval_metrics, ifeval_verdicts
-from essa.scoring import Scorer
+from essa.scoring import Scorer, as_score
 from essa.svd import SVDSpace, build_space
-from rewards import gsm8k
 
 
 def metrics_for(recipe: Recipe, rows: list[dict], completions: list[str], scorer: Scorer) -> dict[str, float]:
@@ -32,33 +32,39 @@ def metrics_for(recipe: Recipe, rows: list[dict], completions: list[str], scorer
     if recipe.reward.name == "gsm8k" and "answer" in columns:
         # lm-eval reports GSM8K under both of its filters; so does essa eval.
         for mode in ("strict", "flexible"):
-            correct = gsm8k.reward(prompts, completions, columns["answer"], mode=mode)
-            metrics[f"accuracy_{mode}"] = float(np.mean(correct))
+            correct = scorer.rows("gsm8k", prompts, completions, columns, {"mode": mode})
+            metrics[f"accuracy_{mode}"] = float(np.mean([as_score(c) or 0.0 for c in correct]))
     elif recipe.reward.name == "math":
         metrics["accuracy"] = metrics["reward_mean"]
     elif recipe.reward.name == "ifeval":
-        verdicts = [ifeval_verdicts({"prompt": p, "response": c, **r}) for p, c, r in zip(prompts, completions, rows)]
-        metrics |= ifeval_metrics(verdicts)
+        metrics |= ifeval_metrics(ifeval_verdicts(scorer, [{"prompt": p, **r, "response": c}
+                                                           for p, c, r in zip(prompts, completions, rows)]))
     return metrics
 
 
 def evaluate(recipe: Recipe, adapter: Path | None, limit: int | None) -> dict:
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise EssaError(f"--adapter: no PEFT adapter (adapter_config.json) in {adapter}")
+    check_model(recipe, adapter, "--adapter")
+    _, heldout = load_data(recipe)
+    reward = recipe.reward
+    scorer = Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb,
+                                sorted(heldout.columns()))
+    try:
+        return _evaluate(recipe, adapter, heldout.rows[:limit] if limit else heldout.rows, scorer)
+    finally:
+        scorer.close()
+
+
+def _evaluate(recipe: Recipe, adapter: Path | None, rows: list[dict], scorer: Scorer) -> dict:
     model, tokenizer = load_model(recipe.model)
     lora = recipe.lora
     space = SVDSpace(build_space(model, lora.rank, lora.alpha, lora.target_modules, str(adapter or ""), 1.0).modules,
                      1.0)
-    _, heldout = load_splits(recipe.data, recipe.run.seed)
-    rows = heldout.rows[:limit] if limit else heldout.rows
     prompts = render(tokenizer, [r[recipe.data.prompt_field] for r in rows], recipe.data)
     initial = torch.cat([torch.cat([m.a.s, m.b.s]) for m in space.modules])
     candidates = torch.stack([-initial] + ([torch.zeros_like(initial)] if adapter else []))
     engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows)
     gen = engine.generate(candidates, prompts)
     engine.close()
-    scorer = Scorer.from_recipe(recipe.reward.name, recipe.reward.weights, recipe.reward.kwargs,
-                                recipe.reward.timeout_s)
     names = ["base"] + (["adapter"] if adapter else [])
     report = {"recipe": recipe.source, "adapter": str(adapter) if adapter else None, "prompts": len(rows),
               "results": {n: metrics_for(recipe, rows, c, scorer) for n, c in zip(names, gen.completions)},
@@ -68,5 +74,4 @@ def evaluate(recipe: Recipe, adapter: Path | None, limit: int | None) -> dict:
 
 
 def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+    write_text(path, json.dumps(report, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))

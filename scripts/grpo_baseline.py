@@ -28,7 +28,7 @@ from essa.scoring import Scorer
 
 def scorer_for(recipe: Recipe) -> Scorer:
     reward = recipe.reward
-    return Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s)
+    return Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb)
 
 
 def trl_reward(scorer: Scorer, columns: list[str]) -> Callable[..., list[float]]:

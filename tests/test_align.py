@@ -15,7 +15,6 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-import rewards
 from essa.cli import main
 from essa.engines import HFEngine
 from essa.models import load_tokenizer
@@ -115,21 +114,38 @@ def test_existing_run_needs_resume(finished_run, tiny_recipe, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
-def test_reward_that_raises_or_returns_nan_does_not_stop_the_run(tiny_recipe, tmp_path, monkeypatch, capsys):
-    calls = []
+FLAKY = """
+calls = 0
 
-    def flaky(prompts, completions, **_):
-        calls.append(1)
-        if len(calls) % 2:
-            raise RuntimeError("checker crashed")
-        return [float("nan")] * len(completions)
+def flaky(prompts, completions, **_):
+    global calls  # the reward process lives for the whole run, so this counts every call
+    calls += 1
+    if calls % 3 == 1:
+        raise RuntimeError("checker crashed")
+    return [float("nan") if calls % 3 == 2 else 0.5] * len(completions)
 
-    monkeypatch.setitem(rewards.REGISTRY, "flaky", flaky)
+def broken(prompts, completions, **_):
+    raise RuntimeError("always broken")
+"""
+
+
+def test_reward_that_raises_or_returns_nan_does_not_stop_the_run(tiny_recipe, tmp_path, capsys):
+    (tmp_path / "flaky.py").write_text(FLAKY)
     run = tmp_path / "flaky"
-    assert main(["align", str(tiny_recipe(reward={"name": "flaky"})), "--out", str(run)]) == 0
+    assert main(["align", str(tiny_recipe(reward={"name": f"{tmp_path / 'flaky.py'}:flaky"})), "--out", str(run)]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["reward_failures"] > 0 for r in rows)
     assert capsys.readouterr().err.count("checker crashed") == 1  # warned once
+
+
+def test_reward_that_fails_every_row_stops_before_training(tiny_recipe, tmp_path, capsys):
+    (tmp_path / "flaky.py").write_text(FLAKY)
+    run = tmp_path / "broken"
+    recipe = tiny_recipe(reward={"name": f"{tmp_path / 'flaky.py'}:broken"})
+    assert main(["align", str(recipe), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "failed on every held-out row (RuntimeError: always broken)" in err and "Traceback" not in err
+    assert not list((run / "checkpoints").glob("iter-*"))
 
 
 def test_exported_adapter_loads_in_peft_and_matches_the_center(finished_run, tiny_model_dir, tmp_path, capsys):

@@ -1,5 +1,4 @@
 import json
-import math
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ from essa.data import load_splits, minibatch, render
 from essa.errors import EssaError
 from essa.models import load_tokenizer
 from essa.recipe import DataSection
-from essa.scoring import Scorer, load_reward
+from essa.scoring import Scorer
 from rewards import format_instructions as fi
 
 
@@ -75,14 +74,20 @@ def test_render_uses_the_chat_template_and_system_prompt(smollm2_dir):
     assert render(tokenizer, ["Hi"], DataSection(chat_template=False)) == ["Hi"]
 
 
-def test_scorer_counts_failures_and_unknown_rewards_are_errors():
-    scorer = Scorer("t", [(lambda prompts, completions, **_: [1.0, None, math.nan, math.inf], 1.0)])
+def test_scorer_counts_failures_and_unknown_rewards_are_errors(tmp_path):
+    path = tmp_path / "r.py"
+    path.write_text("import math\n"
+                    "def odd(prompts, completions, **_):\n    return [1.0, None, math.nan, math.inf]\n"
+                    "def short(prompts, completions, **_):\n    return [1.0]\n")
+    scorer = Scorer.from_recipe(f"{path}:odd", [], {})
     scores, failures = scorer(["p"] * 4, ["c"] * 4, {})
     assert scores.tolist() == [1.0, 0.0, 0.0, 0.0] and failures == 3
-    wrong_length = Scorer("t", [(lambda prompts, completions, **_: [1.0], 1.0)])
+    scorer.close()
+    wrong_length = Scorer.from_recipe(f"{path}:short", [], {})
     assert wrong_length(["p"] * 2, ["c"] * 2, {})[1] == 2
+    wrong_length.close()
     with pytest.raises(EssaError, match="unknown reward"):
-        load_reward("nope")
+        Scorer.from_recipe("nope", [], {})
 
 
 def test_json_csv_parquet_sources_and_column_mapping(tmp_path):

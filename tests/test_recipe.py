@@ -63,7 +63,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     path.write_text("[strategy]\nsigma = -1\n")
     assert main(["align", str(path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {path}: strategy.sigma: expected a number > 0, got -1"]
+    assert err == [f"error: {path}: strategy.sigma: expected a number > 0 and <= 1000000, got -1"]
     assert not (tmp_path / "run").exists()
 
 

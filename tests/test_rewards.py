@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from essa.errors import EssaError
-from essa.scoring import Scorer, load_reward
+from essa.reward_process import load_function
+from essa.scoring import Scorer
 from rewards import countdown, gsm8k
 
 REFERENCE = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
@@ -97,39 +98,39 @@ def test_countdown_generator_makes_solvable_problems():
 def test_custom_rewards_from_a_file_and_a_module(tmp_path, monkeypatch):
     (tmp_path / "my_reward.py").write_text(
         "def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
-    fn = load_reward(f"{tmp_path / 'my_reward.py'}:length")
-    assert fn(["p"], ["abc"]) == [3.0]
+    assert load_function(f"{tmp_path / 'my_reward.py'}:length")(["p"], ["abc"]) == [3.0]
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert load_reward("my_reward:length")(["p"], ["ab"]) == [2.0]
+    assert load_function("my_reward:length")(["p"], ["ab"]) == [2.0]
+    # Through a scorer the reward is imported and called in the reward process, never in essa's own.
+    scorer = Scorer.from_recipe("my_reward:length", [], {})
+    assert scorer(["p"], ["abcd"], {})[0].tolist() == [4.0]
+    scorer.close()
     with pytest.raises(EssaError, match="has no function 'nope'"):
-        load_reward("my_reward:nope")
+        Scorer.from_recipe("my_reward:nope", [], {})
     with pytest.raises(EssaError, match="not found"):
-        load_reward("missing.py:f")
+        Scorer.from_recipe("missing.py:f", [], {})
     (tmp_path / "broken.py").write_text("raise RuntimeError('bad module')\n")
-    with pytest.raises(EssaError, match="cannot import .*RuntimeError: bad module"):
-        load_reward(f"{tmp_path / 'broken.py'}:f")
+    with pytest.raises(EssaError, match="cannot load .*RuntimeError: bad module"):
+        Scorer.from_recipe(f"{tmp_path / 'broken.py'}:f", [], {})
 
 
-def test_weighted_combination_kwargs_and_timeout():
-    def one(prompts, completions, **_):
-        return [1.0] * len(completions)
-
-    def scaled(prompts, completions, factor=1.0, **_):
-        return [factor] * len(completions)
-
-    scorer = Scorer("combo", [(one, 1.0), (scaled, 0.5)], kwargs={"factor": 4.0})
+def test_weighted_combination_kwargs_and_timeout(tmp_path):
+    path = tmp_path / "combo.py"
+    path.write_text("import time\n"
+                    "def one(prompts, completions, **_):\n    return [1.0] * len(completions)\n"
+                    "def scaled(prompts, completions, factor=1.0, **_):\n    return [factor] * len(completions)\n"
+                    "def hangs(prompts, completions, **_):\n    time.sleep(30)\n    return [1.0] * len(completions)\n")
+    scorer = Scorer.from_recipe([f"{path}:one", f"{path}:scaled"], [1.0, 0.5], {"factor": 4.0})
     scores, failures = scorer(["p", "q"], ["a", "b"], {})
     assert scores.tolist() == [3.0, 3.0] and failures == 0
+    scorer.close()
 
-    def hangs(prompts, completions, **_):
-        time.sleep(3)
-        return [1.0] * len(completions)
-
-    slow = Scorer("slow", [(hangs, 1.0)], timeout_s=0.2)
+    slow = Scorer.from_recipe(f"{path}:hangs", [], {}, timeout_s=0.5)
     start = time.perf_counter()
     scores, failures = slow(["p"], ["a"], {})
-    assert time.perf_counter() - start < 2 and failures == 1 and np.array_equal(scores, [0.0])
-    assert slow(["p"], ["a"], {})[1] == 1  # still guarded after a timeout
+    assert time.perf_counter() - start < 5 and failures == 1 and np.array_equal(scores, [0.0])
+    assert slow(["p"], ["a"], {})[1] == 1  # still guarded after a timeout (a fresh reward process)
+    slow.close()
     with pytest.raises(EssaError, match="2 weights for 1 rewards"):
         Scorer.from_recipe("gsm8k", [1.0, 2.0], {}, 1.0)
 
@@ -162,9 +163,10 @@ def test_math_answers_are_verified_symbolically():
                    "no answer", "\\boxed{\\sqrt{2}/2}"]
     answers = ["\\frac{1}{2}", "\\frac12", "3", "1", "\\frac{\\sqrt{2}}{2}"]
     assert math_answers.reward([""] * 5, completions, answers) == [1.0, 1.0, 0.0, 0.0, 1.0]
-    # It runs in essa's reward thread (math-verify's SIGALRM timeouts only work on the main thread).
-    scorer = Scorer("math", [(math_answers.reward, 1.0)])
+    # In essa's reward process it runs on the main thread, where math-verify's own timeouts work.
+    scorer = Scorer.from_recipe("math", [], {})
     assert scorer([""], ["\\boxed{4}"], {"answer": ["2+2"]})[0].tolist() == [1.0]
+    scorer.close()
 
 
 def test_conciseness_rewards_correct_short_answers():

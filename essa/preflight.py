@@ -1,0 +1,117 @@
+"""Everything a command reads, checked before any model weights load.
+
+Bad input should cost seconds and one line, not minutes and a traceback: the recipe's values
+against the model's config (its layers, its context length), the data source and its rows, the
+reward and the options and columns it needs, adapters, and the run directory with the files a
+resume or an export reads. `essa recipe check` runs the same checks as `essa align`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from essa import checkpoint
+from essa.adapter_files import read_peft_adapter
+from essa.data import Dataset, load_splits
+from essa.errors import EssaError, RecipeError
+from essa.files import check_writable_dir
+from essa.metrics import MetricsLog
+from essa.models import meta_model, read_config
+from essa.recipe import Recipe
+from essa.scoring import Scorer
+from essa.svd import SVDSpace, find_targets
+
+SPACE_FILE, RECIPE_FILE, METRICS_FILE, CHECKPOINTS = "space.safetensors", "recipe.json", "metrics.jsonl", "checkpoints"
+
+
+@dataclass
+class Inputs:
+    """What a recipe reads, loaded and checked: the prompts and a ready scorer (close it when done)."""
+
+    train: Dataset
+    heldout: Dataset
+    scorer: Scorer
+
+
+def check_adapter(adapter: Path, option: str, model: nn.Module) -> None:
+    """An adapter's files parse and its factors fit the layers they name."""
+    _, factors = read_peft_adapter(adapter, option)
+    layers = dict(model.named_modules())
+    for name, (a, b) in factors.items():
+        layer = layers.get(name)
+        if not isinstance(layer, nn.Linear):
+            raise EssaError(f"{option}: {adapter} adapts {name!r}, which is not a linear layer of the model")
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+            raise EssaError(f"{option}: {adapter} was made for another model: {name} is "
+                            f"{layer.out_features}×{layer.in_features}, its factors give {b.shape[0]}×{a.shape[1]}")
+
+
+def check_model(recipe: Recipe, adapter: Path | None = None, adapter_option: str = "lora.adapter") -> None:
+    """The recipe against the model's config: target layers exist, the rank fits them, generation
+    fits the context, and an adapter fits the layers it names."""
+    config = read_config(recipe.model)
+    model = meta_model(config, recipe.model.name_or_path)
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and recipe.generation.max_new_tokens >= context:
+        raise RecipeError(recipe.source, "generation.max_new_tokens",
+                          f"{recipe.generation.max_new_tokens} does not fit the model's context of {context} tokens")
+    adapter = adapter or (Path(recipe.lora.adapter) if recipe.lora.adapter else None)
+    if adapter is not None:
+        check_adapter(adapter, adapter_option, model)
+        return
+    targets = find_targets(model, recipe.lora.target_modules)
+    smallest = min(min(m.in_features, m.out_features) for m in targets.values())
+    if recipe.lora.rank > smallest:
+        raise RecipeError(recipe.source, "lora.rank", f"{recipe.lora.rank} exceeds the smallest adapted layer's "
+                          f"dimension ({smallest}); use a rank in [1, {smallest}]")
+
+
+def check_rows(dataset: Dataset, source: str, what: str) -> None:
+    if not len(dataset):
+        raise EssaError(f"data.source: {source} gives no {what} prompts")
+    bad = next((i for i, p in enumerate(dataset.prompts()) if not isinstance(p, str) or not p.strip()), None)
+    if bad is not None:
+        got = repr(dataset.prompts()[bad])[:60]
+        raise EssaError(f"data.prompt_field: {what} row {bad + 1} of {source}: the prompt "
+                        f"({dataset.prompt_field!r}) must be a non-empty string, got {got}")
+
+
+def load_data(recipe: Recipe) -> tuple[Dataset, Dataset]:
+    """The train and held-out prompts, with every prompt a non-empty string."""
+    data = recipe.data
+    train, heldout = load_splits(data, recipe.run.seed)
+    check_rows(train, data.source, "training")
+    check_rows(heldout, data.heldout_source or data.source, "held-out")
+    return train, heldout
+
+
+def check_inputs(recipe: Recipe) -> Inputs:
+    """Model config, data and reward, in that order, before any weights load."""
+    check_model(recipe)
+    train, heldout = load_data(recipe)
+    reward = recipe.reward
+    columns = sorted(set(train.columns()) & set(heldout.columns()))
+    scorer = Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb,
+                                columns)
+    return Inputs(train, heldout, scorer)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A run directory essa can write, and on --resume, the files it will read back intact."""
+    check_writable_dir(run_dir, "--out")
+    root = run_dir / CHECKPOINTS
+    has_checkpoints = root.is_dir() and any(root.glob("iter-*"))
+    if not resume:
+        if has_checkpoints:
+            raise EssaError(f"--out: {run_dir} already holds a run; pass --resume to continue it or choose "
+                            "another --out")
+        return
+    if (run_dir / SPACE_FILE).exists():
+        SVDSpace.load(run_dir / SPACE_FILE)
+    MetricsLog(run_dir / METRICS_FILE).read()
+    if has_checkpoints and checkpoint.latest(root)[0] is None:
+        raise EssaError(f"--resume: every checkpoint in {root} is damaged; nothing to continue from. Move "
+                        f"{root} aside to start this run again from iteration 0, or start a new run with another --out")
