@@ -20,11 +20,16 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from essa.engines.attention import use_gqa_sdpa
+from essa.engines.decode import greedy_decode
 from essa.svd import SVDSpace
 
 
 class _RowLoRA:
-    """The low-rank term of one module, with per-row singular values."""
+    """The low-rank term of one module, with per-row singular values.
+
+    Per row, the r × r core diag(s_A) U_Aᵀ V_B diag(s_B) · scaling is formed once per batch, so a
+    forward pass adds x V_A core U_Bᵀ with two shared matmuls and one batched r × r product."""
 
     def __init__(self, factors, dtype: torch.dtype, device: torch.device) -> None:
         a, b = factors.a, factors.b
@@ -32,17 +37,19 @@ class _RowLoRA:
         self.mix = (a.U.T @ b.V).to(device, dtype)        # r × r
         self.u_b_t = b.U.T.contiguous().to(device, dtype)  # r × out
         self.scaling = factors.scaling
-        self.s_a: Tensor | None = None
-        self.s_b: Tensor | None = None
+        self.rows_core: Tensor | None = None  # every row of the batch: R × r × r
+        self.core: Tensor | None = None       # the rows in the next forward pass
+
+    def set_rows(self, s_a: Tensor, s_b: Tensor) -> None:
+        self.rows_core = self.core = (s_a[:, :, None] * self.mix * s_b[:, None, :]) * self.scaling
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         x = args[0]
-        if self.s_a is None or x.shape[0] != self.s_a.shape[0]:
+        if self.core is None or x.shape[0] != self.core.shape[0]:
             raise RuntimeError("population rows were not set for this batch")
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        h = (x.to(self.v_a.dtype) @ self.v_a) * self.s_a.view(shape)
-        h = (h @ self.mix) * self.s_b.view(shape)
-        return output + (h @ self.u_b_t).to(output.dtype) * self.scaling
+        h = torch.bmm(x.to(self.v_a.dtype) @ self.v_a, self.core)
+        delta = (h @ self.u_b_t).view(output.shape)
+        return output.add_(delta) if delta.dtype == output.dtype else output + delta.to(output.dtype)
 
 
 class PopulationLoRA:
@@ -59,8 +66,12 @@ class PopulationLoRA:
     def set_rows(self, candidates: Tensor, members: Tensor) -> None:
         """Row i uses candidate `members[i]` (candidates are offsets in the search space)."""
         for term, (s_a, s_b) in zip(self.terms, self.space.singular_values(candidates)):
-            term.s_a = s_a[members].to(self.device, self.dtype)
-            term.s_b = s_b[members].to(self.device, self.dtype)
+            term.set_rows(s_a[members].to(self.device, self.dtype), s_b[members].to(self.device, self.dtype))
+
+    def use_rows(self, index: Tensor) -> None:
+        """The next forward pass computes rows `index` of those set (a decode loop's active rows)."""
+        for term in self.terms:
+            term.core = term.rows_core[index]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -98,28 +109,28 @@ class HFEngine:
                  max_new_tokens: int, batch_rows: int, ignore_eos: bool = False) -> None:
         self.model, self.tokenizer, self.space = model, tokenizer, space
         self.max_new_tokens, self.batch_rows = max_new_tokens, batch_rows
-        self.min_new_tokens = max_new_tokens if ignore_eos else None  # fixed-length generations, for benchmarks
+        self.min_new_tokens = max_new_tokens if ignore_eos else 0  # fixed-length generations, for benchmarks
         self.lora = PopulationLoRA(model, space, lora_compute_dtype(model))
+        self.restore_attention = use_gqa_sdpa(model)
         eos = model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+        self.stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.lora.device)
 
     @torch.no_grad()
     def generate(self, candidates: Tensor, prompts: list[str]) -> Generation:
         candidates = torch.as_tensor(candidates, dtype=torch.float32).reshape(-1, self.lora.space.dim)
         rows = [(member, j) for member in range(len(candidates)) for j in range(len(prompts))]
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         texts: list[str] = []
         tokens = 0
         start = time.perf_counter()
         for lo in range(0, len(rows), self.batch_rows):
             chunk = rows[lo: lo + self.batch_rows]
-            self.lora.set_rows(candidates, torch.tensor([m for m, _ in chunk]))
-            batch = self.tokenizer([prompts[j] for _, j in chunk], return_tensors="pt", padding=True,
-                                   add_special_tokens=False).to(self.lora.device)
-            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens,
-                                      min_new_tokens=self.min_new_tokens, do_sample=False,
-                                      temperature=None, top_p=None, top_k=None,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-            new = out[:, batch["input_ids"].shape[1]:].cpu()
+            members = [m for m, _ in chunk]
+            self.lora.set_rows(candidates, torch.tensor(members))
+            new = greedy_decode(self.model, [prompt_ids[j] for _, j in chunk], members, self.max_new_tokens,
+                                self.stop_tensor, self.tokenizer.pad_token_id, self.min_new_tokens,
+                                self.lora.use_rows).cpu()
             tokens += int(count_generated(new, self.stop_ids).sum())
             texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
         seconds = time.perf_counter() - start
@@ -128,3 +139,5 @@ class HFEngine:
 
     def close(self) -> None:
         self.lora.remove()
+        if self.restore_attention:
+            self.model.set_attn_implementation(self.restore_attention)
