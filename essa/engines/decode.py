@@ -81,10 +81,9 @@ def prefill(model: PreTrainedModel, rows: list[list[int]], groups: list[int], pa
 
 @torch.no_grad()
 def greedy_decode(model: PreTrainedModel, rows: list[list[int]], groups: list[int], max_new_tokens: int,
-                  stop_ids: Tensor, pad_id: int, min_new_tokens: int = 0,
-                  use_rows: Callable[[Tensor], None] = lambda rows: None) -> Tensor:
+                  stop_ids: Tensor, pad_id: int, use_rows: Callable[[Tensor], None] = lambda rows: None) -> Tensor:
     """New tokens [rows, max_new_tokens]: each row's greedy continuation of its prompt token ids up to
-    and including its first stop token (none before `min_new_tokens`), `pad_id` after it.
+    and including its first stop token, `pad_id` after it.
 
     Rows with the same `groups` id compute with the same weights (their prompt prefix is computed
     once); `use_rows(index)` is called with the indices of the rows in the next forward pass."""
@@ -97,15 +96,14 @@ def greedy_decode(model: PreTrainedModel, rows: list[list[int]], groups: list[in
         new[active, step] = token
         if step == max_new_tokens - 1:
             break
-        if step + 1 >= min_new_tokens:
-            running = ~torch.isin(token, stop_ids)
-            if not running.all():
-                keep = running.nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                active, token, mask, positions = active[keep], token[keep], mask[keep], positions[keep]
-                cache.batch_select_indices(keep)
-                use_rows(active)
+        running = ~torch.isin(token, stop_ids)
+        if not running.all():
+            keep = running.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            active, token, mask, positions = active[keep], token[keep], mask[keep], positions[keep]
+            cache.batch_select_indices(keep)
+            use_rows(active)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         positions = positions + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,

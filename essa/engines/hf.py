@@ -1,14 +1,15 @@
 """Population-batched Hugging Face engine.
 
-All (candidate × prompt) rows go through one batched `generate` over the shared (possibly
-quantized) base weights. Forward hooks on the adapted linear layers add each row's own
-low-rank term, computed from the frozen SVD factors and that row's singular values:
+All (candidate × prompt) rows go through one batched greedy decode (essa/engines/decode.py:
+finished rows leave the batch, the prompts' shared prefix is prefilled once per candidate) over
+the shared (possibly quantized) base weights. Forward hooks on the adapted linear layers add each
+row's own low-rank term, computed from the frozen SVD factors and that row's singular values:
 
-    delta(x) = scaling · ((((x V_A) ⊙ s_A[row]) U_Aᵀ V_B) ⊙ s_B[row]) U_Bᵀ
+    delta(x) = scaling · x V_A diag(s_A[row]) U_Aᵀ V_B diag(s_B[row]) U_Bᵀ
 
-which is x (B A)ᵀ for that row's candidate, without materializing A or B. The shared
-matmuls have width `rank`; the per-row part is only an elementwise scale, so a population
-costs about as much as the same number of sequences of plain batched inference.
+which is x (B A)ᵀ for that row's candidate, without materializing A or B. The shared matmuls
+have width `rank` and the per-row part is an r × r product, so a population costs about as much
+as the same number of sequences of plain batched inference.
 """
 
 from __future__ import annotations
@@ -106,10 +107,9 @@ class HFEngine:
     """Evaluate populations of candidates with one batched `generate` per chunk of rows."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
-                 max_new_tokens: int, batch_rows: int, ignore_eos: bool = False) -> None:
+                 max_new_tokens: int, batch_rows: int) -> None:
         self.model, self.tokenizer, self.space = model, tokenizer, space
         self.max_new_tokens, self.batch_rows = max_new_tokens, batch_rows
-        self.min_new_tokens = max_new_tokens if ignore_eos else 0  # fixed-length generations, for benchmarks
         self.lora = PopulationLoRA(model, space, lora_compute_dtype(model))
         self.restore_attention = use_gqa_sdpa(model)
         eos = model.generation_config.eos_token_id
@@ -129,8 +129,7 @@ class HFEngine:
             members = [m for m, _ in chunk]
             self.lora.set_rows(candidates, torch.tensor(members))
             new = greedy_decode(self.model, [prompt_ids[j] for _, j in chunk], members, self.max_new_tokens,
-                                self.stop_tensor, self.tokenizer.pad_token_id, self.min_new_tokens,
-                                self.lora.use_rows).cpu()
+                                self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows).cpu()
             tokens += int(count_generated(new, self.stop_ids).sum())
             texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
         seconds = time.perf_counter() - start

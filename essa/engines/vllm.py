@@ -91,7 +91,7 @@ class VLLMEngine:
 
     def __init__(self, source: str, space: SVDSpace, max_new_tokens: int,
                  dtype: torch.dtype, quantization: str, max_loras: int, memory: dict, max_model_len: int,
-                 seed: int, ignore_eos: bool = False) -> None:
+                 seed: int) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from vllm import LLM, SamplingParams
@@ -100,8 +100,7 @@ class VLLMEngine:
         self.space, self.source, self.max_loras = space, source, max_loras
         self.scratch = make_scratch()
         self.ids = itertools.count(1)
-        # ignore_eos gives fixed-length generations, for benchmarks.
-        self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=ignore_eos)
+        self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         kwargs = {"quantization": "bitsandbytes"} if quantization == "nf4" else {}
         self.llm = LLM(model=source, tokenizer=source, enable_lora=True, max_loras=max_loras,
                        max_cpu_loras=max_loras, max_lora_rank=lora_rank_for_vllm(space.rank),
