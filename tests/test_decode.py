@@ -1,16 +1,16 @@
-"""The decode loop against transformers' `generate`: same greedy tokens, with a shared prompt prefix
-prefilled once and finished rows leaving the batch."""
+"""The decode loop against transformers' `generate`: same greedy tokens, with finished rows leaving
+the batch."""
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from essa.engines import HFEngine
-from essa.engines.decode import common_prefix, greedy_decode, group_leaders
+from essa.engines.decode import greedy_decode
 from essa.models import load_tokenizer
 from essa.svd import build_space
 from tests.conftest import PROMPTS, greedy
 
-# A shared prefix (as a chat template's system turn gives) and prompts of different lengths.
+# Prompts of different lengths (left padding) behind a shared system turn, as a chat template gives.
 SYSTEM = "You are a helpful assistant. Answer briefly.\n"
 CHAT = [SYSTEM + p for p in PROMPTS] + [SYSTEM + "Hi."]
 
@@ -23,32 +23,23 @@ def reference(model, tokenizer, prompts, max_new_tokens, stop):
     return torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=tokenizer.pad_token_id)
 
 
-def test_common_prefix_leaves_every_row_a_token_of_its_own():
-    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
-    assert common_prefix([[1, 2], [1, 2, 3]]) == 1
-    assert common_prefix([[7, 2], [1, 2]]) == 0
-    assert group_leaders([3, 3, 5, 3, 5]) == ([0, 2], [0, 0, 1, 0, 1])
-
-
 def test_greedy_decode_equals_generate_with_rows_finishing_early(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
     tokenizer = load_tokenizer(str(tiny_model_dir))
     rows = tokenizer(CHAT, add_special_tokens=False)["input_ids"]
-    assert common_prefix(rows) > 3, "the prompts must share a prefix, or the test shows nothing"
     # A stop token the model emits early in some rows and not in others, so rows leave at different steps.
     free = reference(model, tokenizer, CHAT, 12, tokenizer.eos_token_id)
     stop = int(free[0, 2])
     expected = reference(model, tokenizer, CHAT, 12, stop)
     active_sizes = []
-    new = greedy_decode(model, rows, [0] * len(rows), 12, torch.tensor([stop]), tokenizer.pad_token_id,
+    new = greedy_decode(model, rows, 12, torch.tensor([stop]), tokenizer.pad_token_id,
                         use_rows=lambda index: active_sizes.append(len(index)))
     assert torch.equal(new, expected)
-    assert active_sizes[0] == 1 and active_sizes[1] == len(rows), "the prefix is computed once for the group"
-    assert min(active_sizes) < len(rows), "finished rows must leave the batch"
+    assert active_sizes and min(active_sizes) < len(rows), "finished rows must leave the batch"
 
 
-def test_engine_with_a_shared_prefix_equals_generate_per_member(tiny_model_dir):
-    """Every member of a population sees exactly its own adapter, prefix and rows leaving included."""
+def test_engine_with_rows_leaving_equals_peft_per_member(tiny_model_dir):
+    """Every member of a population sees exactly its own adapter while rows leave the batch."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
     tokenizer = load_tokenizer(str(tiny_model_dir))
     space = build_space(model, rank=4, alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],

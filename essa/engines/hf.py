@@ -1,15 +1,14 @@
 """Population-batched Hugging Face engine.
 
 All (candidate × prompt) rows go through one batched greedy decode (essa/engines/decode.py:
-finished rows leave the batch, the prompts' shared prefix is prefilled once per candidate) over
-the shared (possibly quantized) base weights. Forward hooks on the adapted linear layers add each
+finished rows leave the batch) over the shared (possibly quantized) base weights. Forward hooks on the adapted linear layers add each
 row's own low-rank term, computed from the frozen SVD factors and that row's singular values:
 
-    delta(x) = scaling · x V_A diag(s_A[row]) U_Aᵀ V_B diag(s_B[row]) U_Bᵀ
+    delta(x) = scaling · ((((x V_A) ⊙ s_A[row]) U_Aᵀ V_B) ⊙ s_B[row]) U_Bᵀ
 
 which is x (B A)ᵀ for that row's candidate, without materializing A or B. The shared matmuls
-have width `rank` and the per-row part is an r × r product, so a population costs about as much
-as the same number of sequences of plain batched inference.
+have width `rank` and the per-row part is an elementwise scale, so a population costs about as
+much as the same number of sequences of plain batched inference.
 """
 
 from __future__ import annotations
@@ -27,10 +26,7 @@ from essa.svd import SVDSpace
 
 
 class _RowLoRA:
-    """The low-rank term of one module, with per-row singular values.
-
-    Per row, the r × r core diag(s_A) U_Aᵀ V_B diag(s_B) · scaling is formed once per batch, so a
-    forward pass adds x V_A core U_Bᵀ with two shared matmuls and one batched r × r product."""
+    """The low-rank term of one module, with per-row singular values."""
 
     def __init__(self, factors, dtype: torch.dtype, device: torch.device) -> None:
         a, b = factors.a, factors.b
@@ -38,19 +34,27 @@ class _RowLoRA:
         self.mix = (a.U.T @ b.V).to(device, dtype)        # r × r
         self.u_b_t = b.U.T.contiguous().to(device, dtype)  # r × out
         self.scaling = factors.scaling
-        self.rows_core: Tensor | None = None  # every row of the batch: R × r × r
-        self.core: Tensor | None = None       # the rows in the next forward pass
+        self.rows: tuple[Tensor, Tensor] | None = None  # (s_A, s_B) of every row of the batch
+        self.s_a: Tensor | None = None                   # those of the rows in the next forward pass
+        self.s_b: Tensor | None = None
 
     def set_rows(self, s_a: Tensor, s_b: Tensor) -> None:
-        self.rows_core = self.core = (s_a[:, :, None] * self.mix * s_b[:, None, :]) * self.scaling
+        self.rows = (s_a, s_b)
+        self.s_a, self.s_b = s_a, s_b
+
+    def use_rows(self, index: Tensor) -> None:
+        self.s_a, self.s_b = self.rows[0][index], self.rows[1][index]
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        # Two elementwise scales rather than one r × r core per row: the core rounds differently in
+        # float32, which flips greedy tokens where bitsandbytes computes the next layer in bf16.
         x = args[0]
-        if self.core is None or x.shape[0] != self.core.shape[0]:
+        if self.s_a is None or x.shape[0] != self.s_a.shape[0]:
             raise RuntimeError("population rows were not set for this batch")
-        h = torch.bmm(x.to(self.v_a.dtype) @ self.v_a, self.core)
-        delta = (h @ self.u_b_t).view(output.shape)
-        return output.add_(delta) if delta.dtype == output.dtype else output + delta.to(output.dtype)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+        h = (x.to(self.v_a.dtype) @ self.v_a) * self.s_a.view(shape)
+        h = (h @ self.mix) * self.s_b.view(shape)
+        return output + (h @ self.u_b_t).to(output.dtype) * self.scaling
 
 
 class PopulationLoRA:
@@ -72,7 +76,7 @@ class PopulationLoRA:
     def use_rows(self, index: Tensor) -> None:
         """The next forward pass computes rows `index` of those set (a decode loop's active rows)."""
         for term in self.terms:
-            term.core = term.rows_core[index]
+            term.use_rows(index)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -126,9 +130,8 @@ class HFEngine:
         start = time.perf_counter()
         for lo in range(0, len(rows), self.batch_rows):
             chunk = rows[lo: lo + self.batch_rows]
-            members = [m for m, _ in chunk]
-            self.lora.set_rows(candidates, torch.tensor(members))
-            new = greedy_decode(self.model, [prompt_ids[j] for _, j in chunk], members, self.max_new_tokens,
+            self.lora.set_rows(candidates, torch.tensor([m for m, _ in chunk]))
+            new = greedy_decode(self.model, [prompt_ids[j] for _, j in chunk], self.max_new_tokens,
                                 self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows).cpu()
             tokens += int(count_generated(new, self.stop_ids).sum())
             texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
