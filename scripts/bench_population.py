@@ -42,7 +42,7 @@ from random_models import SHAPES, build_random_model
 
 from essa.data import load_splits, render
 from essa.engines import HFEngine
-from essa.engines.hf import _RowLoRA, count_generated
+from essa.engines.hf import _RowLoRA, count_generated, stop_token_ids
 from essa.errors import EssaError
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import DataSection, ModelSection
@@ -129,9 +129,7 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], shape: Shape, rank: int,
         # The engine's hooks are attached only for its own call: the baseline runs without them.
         return HFEngine(model, tokenizer, space, shape.tokens, batch_rows=max(256, shape.rows))
 
-    probe = engine()
-    stop_ids = probe.stop_ids
-    probe.close()
+    stop_ids = stop_token_ids(model, tokenizer)
 
     @torch.no_grad()
     def base() -> tuple[int, float]:
@@ -227,14 +225,6 @@ def bench_vllm(cfg: ModelSection, prompts_raw: list[str], shape: Shape, rank: in
             "search_dim": space.dim, **{f"{k}_per_iteration": v for k, v in phases.items()}}
 
 
-def vllm_installed() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run(args: argparse.Namespace, model: str) -> list[dict]:
     _, heldout = load_splits(DataSection(heldout_size=max(Shape.parse(s).prompts for s in args.shapes.split(","))), 0)
     results = []
@@ -245,7 +235,7 @@ def run(args: argparse.Namespace, model: str) -> list[dict]:
             cfg = ModelSection(name_or_path=model, quantization=quantization, dtype=dtype, device=args.device)
             engines = args.engines.split(",")
             for engine in ("hf", "vllm"):
-                if engine not in engines and not (engine == "vllm" and args.vllm_baseline and vllm_installed()):
+                if engine not in engines and not (engine == "vllm" and args.vllm_baseline):
                     continue
                 print(f"measuring {engine} {precision} at {shape} ...", flush=True)
                 try:

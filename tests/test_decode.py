@@ -26,16 +26,16 @@ def reference(model, tokenizer, prompts, max_new_tokens, stop):
 def test_greedy_decode_equals_generate_with_rows_finishing_early(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    rows = tokenizer(CHAT, add_special_tokens=False)["input_ids"]
+    batch = tokenizer(CHAT, return_tensors="pt", padding=True, add_special_tokens=False)
     # A stop token the model emits early in some rows and not in others, so rows leave at different steps.
     free = reference(model, tokenizer, CHAT, 12, tokenizer.eos_token_id)
     stop = int(free[0, 2])
     expected = reference(model, tokenizer, CHAT, 12, stop)
     active_sizes = []
-    new = greedy_decode(model, rows, 12, torch.tensor([stop]), tokenizer.pad_token_id,
-                        use_rows=lambda index: active_sizes.append(len(index)))
+    new = greedy_decode(model, batch["input_ids"], batch["attention_mask"], 12, torch.tensor([stop]),
+                        tokenizer.pad_token_id, use_rows=lambda index: active_sizes.append(len(index)))
     assert torch.equal(new, expected)
-    assert active_sizes and min(active_sizes) < len(rows), "finished rows must leave the batch"
+    assert active_sizes and min(active_sizes) < len(CHAT), "finished rows must leave the batch"
 
 
 def test_engine_with_rows_leaving_equals_peft_per_member(tiny_model_dir):

@@ -23,16 +23,6 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 
-def left_padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def last_logits(model: PreTrainedModel, ids: Tensor, mask: Tensor, positions: Tensor, cache: DynamicCache) -> Tensor:
     # An index tensor (not logits_to_keep=1) hands the output layer a contiguous input, which it multiplies
     # as one matmul instead of a batched one (8x slower on a CPU at SmolLM2's vocabulary).
@@ -41,26 +31,24 @@ def last_logits(model: PreTrainedModel, ids: Tensor, mask: Tensor, positions: Te
                  logits_to_keep=last).logits[:, -1]
 
 
-def prefill(model: PreTrainedModel, rows: list[list[int]], pad_id: int,
-            device: torch.device) -> tuple[DynamicCache, Tensor, Tensor, Tensor]:
-    """(cache, attention mask, last position ids, last logits) for every row, prompts left-padded."""
+def prefill(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> tuple[DynamicCache, Tensor, Tensor]:
+    """(cache, last position ids, last logits) for left-padded prompts."""
     cache = DynamicCache(config=model.config)
-    ids, mask = left_padded(rows, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     logits = last_logits(model, ids, mask, positions, cache)
-    return cache, mask, positions[:, -1:], logits
+    return cache, positions[:, -1:], logits
 
 
 @torch.no_grad()
-def greedy_decode(model: PreTrainedModel, rows: list[list[int]], max_new_tokens: int,
+def greedy_decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
                   stop_ids: Tensor, pad_id: int, use_rows: Callable[[Tensor], None] = lambda rows: None) -> Tensor:
-    """New tokens [rows, max_new_tokens]: each row's greedy continuation of its prompt token ids up to
-    and including its first stop token, `pad_id` after it. `use_rows(index)` is called with the indices
-    of the rows in the next forward pass whenever they change."""
-    device = model.device
-    new = torch.full((len(rows), max_new_tokens), pad_id, dtype=torch.long, device=device)
-    cache, mask, positions, logits = prefill(model, rows, pad_id, device)
-    active = torch.arange(len(rows), device=device)
+    """New tokens [rows, max_new_tokens]: each row's greedy continuation of its (left-padded) prompt up
+    to and including its first stop token, `pad_id` after it. `use_rows(index)` is called with the
+    indices of the rows in the next forward pass whenever they change."""
+    mask = attention_mask
+    new = torch.full((len(input_ids), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    cache, positions, logits = prefill(model, input_ids, mask)
+    active = torch.arange(len(input_ids), device=input_ids.device)
     for step in range(max_new_tokens):
         token = logits.argmax(-1)
         new[active, step] = token

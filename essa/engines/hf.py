@@ -1,8 +1,9 @@
 """Population-batched Hugging Face engine.
 
 All (candidate × prompt) rows go through one batched greedy decode (essa/engines/decode.py:
-finished rows leave the batch) over the shared (possibly quantized) base weights. Forward hooks on the adapted linear layers add each
-row's own low-rank term, computed from the frozen SVD factors and that row's singular values:
+finished rows leave the batch) over the shared (possibly quantized) base weights. Forward hooks
+on the adapted linear layers add each row's own low-rank term, computed from the frozen SVD
+factors and that row's singular values:
 
     delta(x) = scaling · ((((x V_A) ⊙ s_A[row]) U_Aᵀ V_B) ⊙ s_B[row]) U_Bᵀ
 
@@ -98,6 +99,12 @@ def lora_compute_dtype(model: PreTrainedModel) -> torch.dtype:
     return torch.promote_types(activations, torch.float32)
 
 
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end a generation: the model's end tokens and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+
+
 def count_generated(new_tokens: Tensor, stop_ids: set[int]) -> Tensor:
     """Tokens generated per row, up to and including the first stop token."""
     stops = torch.zeros_like(new_tokens, dtype=torch.bool)
@@ -108,7 +115,7 @@ def count_generated(new_tokens: Tensor, stop_ids: set[int]) -> Tensor:
 
 
 class HFEngine:
-    """Evaluate populations of candidates with one batched `generate` per chunk of rows."""
+    """Evaluate populations of candidates with one batched greedy decode per chunk of rows."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
                  max_new_tokens: int, batch_rows: int) -> None:
@@ -116,22 +123,22 @@ class HFEngine:
         self.max_new_tokens, self.batch_rows = max_new_tokens, batch_rows
         self.lora = PopulationLoRA(model, space, lora_compute_dtype(model))
         self.restore_attention = use_gqa_sdpa(model)
-        eos = model.generation_config.eos_token_id
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+        self.stop_ids = stop_token_ids(model, tokenizer)
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.lora.device)
 
     @torch.no_grad()
     def generate(self, candidates: Tensor, prompts: list[str]) -> Generation:
         candidates = torch.as_tensor(candidates, dtype=torch.float32).reshape(-1, self.lora.space.dim)
         rows = [(member, j) for member in range(len(candidates)) for j in range(len(prompts))]
-        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         texts: list[str] = []
         tokens = 0
         start = time.perf_counter()
         for lo in range(0, len(rows), self.batch_rows):
             chunk = rows[lo: lo + self.batch_rows]
             self.lora.set_rows(candidates, torch.tensor([m for m, _ in chunk]))
-            new = greedy_decode(self.model, [prompt_ids[j] for _, j in chunk], self.max_new_tokens,
+            batch = self.tokenizer([prompts[j] for _, j in chunk], return_tensors="pt", padding=True,
+                                   add_special_tokens=False).to(self.lora.device)
+            new = greedy_decode(self.model, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
                                 self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows).cpu()
             tokens += int(count_generated(new, self.stop_ids).sum())
             texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
