@@ -5,29 +5,28 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from essa import checkpoint
-from essa.data import Dataset, minibatch, render
-from essa.engines import HFEngine
-from essa.engines.vllm import VLLMEngine, check_supported, memory_args
+from essa.data import Dataset, minibatch
+from essa.distributed import RayEvaluator, distributed
+from essa.engines.load import load_engine
 from essa.errors import EssaError
+from essa.evaluation import Evaluation, Evaluator, LocalEvaluator, Task
 from essa.files import write_text
 from essa.metrics import MetricsLog, peak_memory_mb, plot
-from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+from essa.models import load_tokenizer, resolve_source
 from essa.preflight import CHECKPOINTS, METRICS_FILE, RECIPE_FILE, SPACE_FILE, Inputs, check_inputs, check_run_dir
 from essa.recipe import Recipe
 from essa.scoring import Scorer
 from essa.strategies import State, Strategy, make_strategy
-from essa.svd import SVDSpace, build_space
 
 
 @dataclass
@@ -37,68 +36,31 @@ class Best:
     iteration: int
 
 
-def evaluate(engine: HFEngine, center: np.ndarray, prompts: list[str], data: Dataset,
-             scorer: Scorer) -> tuple[float, int]:
-    """Mean reward of one candidate (the center) on a fixed prompt set, and the failed-score count."""
-    gen = engine.generate(center[None].astype(np.float32), prompts)
-    scores, failures = scorer(data.prompts(), gen.completions[0], data.columns())
-    return float(scores.mean()), failures
-
-
-def load_space(run_dir: Path, recipe: Recipe, model: Callable[[], PreTrainedModel]) -> SVDSpace:
-    """The frozen factors are saved once per run, so a resume or an export uses exactly the same space."""
-    path = run_dir / SPACE_FILE
-    if path.exists():
-        return SVDSpace.load(path)
-    lora = recipe.lora
-    space = build_space(model(), lora.rank, lora.alpha, lora.target_modules, lora.adapter,
-                        recipe.svd.trainable_fraction)
-    space.save(path)
-    return space
-
-
 @dataclass
 class Parts:
     """What one run evaluates with: built once from the recipe."""
 
     recipe: Recipe
-    engine: HFEngine | VLLMEngine
+    evaluator: Evaluator
     tokenizer: PreTrainedTokenizerBase
     train: Dataset
-    heldout: Dataset
-    heldout_prompts: list[str]
+    heldout: Task
     scorer: Scorer
 
-    def heldout_reward(self, center: np.ndarray) -> tuple[float, int]:
-        return evaluate(self.engine, center, self.heldout_prompts, self.heldout, self.scorer)
+    def heldout_reward(self, center: np.ndarray) -> tuple[float, Evaluation]:
+        """Mean reward of the center on the held-out prompts, with its evaluation."""
+        evaluation = self.evaluator.evaluate(center[None], self.heldout, keep_texts=True)
+        return float(evaluation.scores.mean()), evaluation
 
 
-def hf_engine(recipe: Recipe, run_dir: Path) -> tuple[HFEngine, PreTrainedTokenizerBase]:
-    model, tokenizer = load_model(recipe.model)
-    space = load_space(run_dir, recipe, lambda: model)
-    return HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows), tokenizer
-
-
-def vllm_engine(recipe: Recipe, run_dir: Path) -> tuple[VLLMEngine, PreTrainedTokenizerBase]:
-    device = resolve_device(recipe.model.device)
-    check_supported(recipe.model.quantization, device)
-    # The transformers model only serves to derive the SVD space (vLLM loads its own copy).
-    cpu_model = replace(recipe.model, quantization="none", device="cpu")
-    space = load_space(run_dir, recipe, lambda: load_model(cpu_model)[0])
-    source = resolve_source(recipe.model.name_or_path)
-    cfg = recipe.vllm
-    engine = VLLMEngine(source, space, recipe.generation.max_new_tokens,
-                        resolve_dtype(recipe.model.dtype, device), recipe.model.quantization,
-                        cfg.max_loras or recipe.strategy.population,
-                        memory_args(cfg.kv_cache_gb, cfg.gpu_memory_utilization, device), cfg.max_model_len,
-                        recipe.run.seed)
-    return engine, load_tokenizer(source)
-
-
-def build_parts(recipe: Recipe, run_dir: Path, inputs: Inputs) -> Parts:
-    engine, tokenizer = (vllm_engine if recipe.run.engine == "vllm" else hf_engine)(recipe, run_dir)
-    heldout = inputs.heldout
-    return Parts(recipe, engine, tokenizer, inputs.train, heldout, render(tokenizer, heldout.prompts(), recipe.data),
+def build_parts(recipe: Recipe, raw: dict, run_dir: Path, inputs: Inputs, console: Console) -> Parts:
+    if distributed(recipe):
+        evaluator = RayEvaluator(recipe, raw, run_dir, console)
+        tokenizer = load_tokenizer(resolve_source(recipe.model.name_or_path))
+    else:
+        engine, tokenizer = load_engine(recipe, run_dir)
+        evaluator = LocalEvaluator(engine, inputs.scorer)
+    return Parts(recipe, evaluator, tokenizer, inputs.train, Task.of(tokenizer, inputs.heldout, recipe.data),
                  inputs.scorer)
 
 
@@ -108,28 +70,23 @@ def step(parts: Parts, strategy: Strategy, state: State) -> tuple[State, dict]:
     recipe, t0 = parts.recipe, time.perf_counter()
     batch = parts.train.subset(minibatch(len(parts.train), recipe.data.prompts_per_iteration, recipe.run.seed,
                                          state.iteration))
-    prompts = render(parts.tokenizer, batch.prompts(), recipe.data)
-    rewards, failures, tokens, gen_seconds, score_seconds, phases = [], 0, 0, 0.0, 0.0, {}
-    start = state.iteration
+    task = Task.of(parts.tokenizer, batch, recipe.data)
+    evaluations, start = [], state.iteration
     while state.iteration == start:
-        candidates = strategy.ask(state)
-        gen = parts.engine.generate(candidates, prompts)
-        t1 = time.perf_counter()
-        scored = [parts.scorer(batch.prompts(), completions, batch.columns()) for completions in gen.completions]
-        asked = np.array([scores.mean() for scores, _ in scored])
-        score_seconds += time.perf_counter() - t1
-        state = strategy.tell(state, asked)
-        rewards.append(asked)
-        failures += sum(f for _, f in scored)
-        tokens, gen_seconds = tokens + gen.tokens, gen_seconds + gen.seconds
-        phases = {k: phases.get(k, 0.0) + v for k, v in gen.phases.items()}
+        evaluation = parts.evaluator.evaluate(strategy.ask(state), task)
+        state = strategy.tell(state, evaluation.scores.mean(1))
+        evaluations.append(evaluation)
     # The first ask is around the center for every strategy: its rewards describe the population.
-    first, seconds = rewards[0], time.perf_counter() - t0
+    first, seconds = evaluations[0].scores.mean(1), time.perf_counter() - t0
+    timings: dict[str, float] = {}
+    for evaluation in evaluations:
+        timings = {k: timings.get(k, 0) + v for k, v in (evaluation.metrics() | {"seconds_evaluate": evaluation.seconds}
+                                                          ).items()}
     row = {"iteration": state.iteration, "reward_mean": float(first.mean()), "reward_std": float(first.std()),
-           "reward_max": float(first.max()), "reward_failures": failures,
-           "candidates": sum(len(r) for r in rewards), "generated_tokens": tokens, "tokens_per_s": tokens / gen_seconds,
-           "seconds_generate": gen_seconds, "seconds_score": score_seconds,
-           "seconds_update": seconds - gen_seconds - score_seconds, **phases}
+           "reward_max": float(first.max()), "reward_failures": sum(e.failures for e in evaluations),
+           "candidates": sum(len(e.scores) for e in evaluations), **timings,
+           "tokens_per_s": timings["generated_tokens"] / timings["seconds_evaluate"],
+           "seconds_update": seconds - timings["seconds_evaluate"]}
     return state, row
 
 
@@ -182,11 +139,11 @@ def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Conso
             (run_dir / SPACE_FILE).unlink(missing_ok=True)
         write_text(run_dir / RECIPE_FILE, json.dumps(raw, indent=1))
         with console.status("loading model and building the SVD space..."):
-            parts = build_parts(recipe, run_dir, inputs)
+            parts = build_parts(recipe, raw, run_dir, inputs, console)
         try:
             return evolve(parts, run_dir, resume, started, console)
         finally:
-            parts.engine.close()  # also on Ctrl-C: the vLLM engine removes its scratch adapters
+            parts.evaluator.close()  # also on Ctrl-C: vLLM's scratch adapters and Ray's workers go
     finally:
         inputs.scorer.close()
 
@@ -195,7 +152,7 @@ def evolve(parts: Parts, run_dir: Path, resume: bool, started: float, console: C
     """Restore or start, then iterate to run.iterations, checkpointing after every iteration."""
     recipe, run = parts.recipe, parts.recipe.run
     ckpt_root, metrics = run_dir / CHECKPOINTS, MetricsLog(run_dir / METRICS_FILE)
-    space = parts.engine.space
+    space = parts.evaluator.space
     strategy = make_strategy(recipe.strategy, space.dim, run.seed, run.iterations)
     console.print(f"search space: {len(space.modules)} modules, rank {space.rank}, {space.dim} trainable singular "
                   f"values; population {recipe.strategy.population} × "
@@ -209,9 +166,10 @@ def evolve(parts: Parts, run_dir: Path, resume: bool, started: float, console: C
         state = strategy.init()
         metrics.truncate(-1)
         with console.status("evaluating the initial adapter on held-out prompts..."):
-            baseline, failures = parts.heldout_reward(state.center)
-        if failures == len(parts.heldout):  # training on all-zero rewards would look like a run and be none
-            raise EssaError(f"reward {parts.scorer.name!r} failed on every held-out row ({parts.scorer.first_error}); "
+            baseline, evaluation = parts.heldout_reward(state.center)
+        failures = evaluation.failures
+        if failures == len(parts.heldout.prompts):  # all-zero rewards would look like a run and be none
+            raise EssaError(f"reward {parts.scorer.name!r} failed on every held-out row ({evaluation.first_error}); "
                             "nothing was trained: fix the reward, its reward.kwargs or the data's columns")
         best = Best(state.center.copy(), baseline, 0)
         metrics.append({"iteration": 0, "heldout_reward": baseline, "reward_failures": failures,
@@ -227,8 +185,8 @@ def evolve(parts: Parts, run_dir: Path, resume: bool, started: float, console: C
             stats = f"reward {row['reward_mean']:.3f} (max {row['reward_max']:.3f})"
             if state.iteration % run.eval_every == 0 or state.iteration == run.iterations:
                 t = time.perf_counter()
-                row["heldout_reward"], failures = parts.heldout_reward(state.center)
-                row["reward_failures"] += failures
+                row["heldout_reward"], evaluation = parts.heldout_reward(state.center)
+                row["reward_failures"] += evaluation.failures
                 row["seconds_eval"] = time.perf_counter() - t
                 if row["heldout_reward"] > best.reward:
                     best = Best(state.center.copy(), row["heldout_reward"], state.iteration)

@@ -140,6 +140,15 @@ class VLLMSection:
 
 
 @dataclass(frozen=True)
+class DistributedSection:
+    workers: int = positive(1, 100_000)
+    address: str = ""
+    gpus_per_worker: float | Literal["auto"] = _checked("auto", lambda v: v == "auto" or 0 <= v <= 1024,
+                                                         "\"auto\" or a number in [0, 1024]")
+    cpus_per_worker: float = positive(1.0, 1024)
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -150,6 +159,7 @@ class Recipe:
     generation: GenerationSection = field(default_factory=GenerationSection)
     run: RunSection = field(default_factory=RunSection)
     vllm: VLLMSection = field(default_factory=VLLMSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     source: str = field(default="<defaults>", compare=False)
 
 
@@ -160,7 +170,7 @@ def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is types.UnionType:
+    if origin in (types.UnionType, typing.Union):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
         return {str: "a list of strings", float: "a list of finite numbers"}[typing.get_args(tp)[0]]
@@ -172,7 +182,7 @@ def _matches(tp: Any, value: Any) -> bool:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return value in typing.get_args(tp)
-    if origin is types.UnionType:
+    if origin in (types.UnionType, typing.Union):
         return any(_matches(a, value) for a in typing.get_args(tp))
     if origin is list:
         return isinstance(value, list) and all(_matches(typing.get_args(tp)[0], v) for v in value)

@@ -280,7 +280,8 @@ COLUMNS = [("population tok/s", "population_tokens_per_s", 1), ("generate", "gen
 
 def print_table(results: list[dict], header: str) -> None:
     print(header)
-    print(f"{'shape':<11}{'engine':<8}{'precision':<11}" + "".join(f"{name:>{len(name) + 2}}" for name, _, _ in COLUMNS))
+    print(f"{'shape':<11}{'engine':<8}{'precision':<11}"
+          + "".join(f"{name:>{len(name) + 2}}" for name, _, _ in COLUMNS))
     for r in results:
         print(f"{r['shape']:<11}{r['engine']:<8}{r['precision']:<11}"
               + "".join(cell(r, key, len(name) + 2, digits) for name, key, digits in COLUMNS))

@@ -134,7 +134,7 @@ def test_reward_that_raises_or_returns_nan_does_not_stop_the_run(tiny_recipe, tm
     run = tmp_path / "flaky"
     assert main(["align", str(tiny_recipe(reward={"name": f"{tmp_path / 'flaky.py'}:flaky"})), "--out", str(run)]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["reward_failures"] > 0 for r in rows)
+    assert sum(r["reward_failures"] for r in rows) > 0 and max(r.get("reward_max", 0) for r in rows) == 0.5
     assert capsys.readouterr().err.count("checker crashed") == 1  # warned once
 
 

@@ -18,9 +18,10 @@ from vllm.lora.request import LoRARequest  # noqa: E402
 from essa.cli import main  # noqa: E402
 from essa.data import load_splits, render  # noqa: E402
 from essa.engines import HFEngine  # noqa: E402
-from essa.engines.vllm import VLLMEngine, lora_rank_for_vllm, memory_args, scratch_root  # noqa: E402
+from essa.engines.vllm import VLLMEngine, lora_rank_for_vllm, memory_args  # noqa: E402
 from essa.models import load_model, resolve_source  # noqa: E402
 from essa.recipe import DataSection, ModelSection  # noqa: E402
+from essa.scratch import scratch_root  # noqa: E402
 from essa.svd import build_space  # noqa: E402
 
 pytestmark = pytest.mark.vllm

@@ -1,9 +1,9 @@
 """Population-batched Hugging Face engine.
 
-All (candidate × prompt) rows go through one batched greedy decode (essa/engines/decode.py:
-finished rows leave the batch) over the shared (possibly quantized) base weights. Forward hooks
-on the adapted linear layers add each row's own low-rank term, computed from the frozen SVD
-factors and that row's singular values:
+All (candidate × prompt) rows go through batched greedy decodes of `generation.batch_rows` rows
+each (essa/engines/decode.py: finished rows leave the batch) over the shared (possibly quantized)
+base weights. Forward hooks on the adapted linear layers add each row's own low-rank term,
+computed from the frozen SVD factors and that row's singular values:
 
     delta(x) = scaling · ((((x V_A) ⊙ s_A[row]) U_Aᵀ V_B) ⊙ s_B[row]) U_Bᵀ
 
@@ -15,7 +15,6 @@ much as the same number of sequences of plain batched inference.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from essa.engines.attention import use_gqa_sdpa
 from essa.engines.decode import greedy_decode
+from essa.engines.rows import Generation, Rows, RowsOutput, generate
 from essa.svd import SVDSpace
 
 
@@ -84,14 +84,6 @@ class PopulationLoRA:
             handle.remove()
 
 
-@dataclass
-class Generation:
-    completions: list[list[str]]  # [candidate][prompt]
-    tokens: int                   # generated tokens, up to and including each row's end token
-    seconds: float
-    phases: dict[str, float] = field(default_factory=dict)  # engine-specific timings, in seconds
-
-
 def lora_compute_dtype(model: PreTrainedModel) -> torch.dtype:
     """At least float32, like peft's adapters: in bfloat16 an offset of 0.01 on a singular value
     of 5 would round away. The term's matmuls have width `rank`, so this costs little."""
@@ -126,25 +118,22 @@ class HFEngine:
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.lora.device)
 
+    def chunk_size(self, n_prompts: int) -> int:
+        return self.batch_rows
+
     @torch.no_grad()
-    def generate(self, candidates: Tensor, prompts: list[str]) -> Generation:
-        candidates = torch.as_tensor(candidates, dtype=torch.float32).reshape(-1, self.lora.space.dim)
-        rows = [(member, j) for member in range(len(candidates)) for j in range(len(prompts))]
-        texts: list[str] = []
-        tokens = 0
+    def generate_rows(self, candidates: Tensor, prompts: list[str], rows: Rows) -> RowsOutput:
         start = time.perf_counter()
-        for lo in range(0, len(rows), self.batch_rows):
-            chunk = rows[lo: lo + self.batch_rows]
-            self.lora.set_rows(candidates, torch.tensor([m for m, _ in chunk]))
-            batch = self.tokenizer([prompts[j] for _, j in chunk], return_tensors="pt", padding=True,
-                                   add_special_tokens=False).to(self.lora.device)
-            new = greedy_decode(self.model, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
-                                self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows).cpu()
-            tokens += int(count_generated(new, self.stop_ids).sum())
-            texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        seconds = time.perf_counter() - start
-        n = len(prompts)
-        return Generation([texts[i * n:(i + 1) * n] for i in range(len(candidates))], tokens, seconds)
+        self.lora.set_rows(candidates, torch.tensor(rows.members))
+        batch = self.tokenizer([prompts[j] for j in rows.prompts], return_tensors="pt", padding=True,
+                               add_special_tokens=False).to(self.lora.device)
+        new = greedy_decode(self.model, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
+                            self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows).cpu()
+        return RowsOutput(self.tokenizer.batch_decode(new, skip_special_tokens=True),
+                          int(count_generated(new, self.stop_ids).sum()), time.perf_counter() - start)
+
+    def generate(self, candidates: Tensor, prompts: list[str]) -> Generation:
+        return generate(self, candidates, prompts)
 
     def close(self) -> None:
         self.lora.remove()

@@ -1,5 +1,5 @@
-"""vLLM engine: each candidate becomes a plain PEFT LoRA adapter, and all (candidate × prompt)
-requests go to one `LLM.generate` call with a list of `LoRARequest`s.
+"""vLLM engine: each candidate becomes a plain PEFT LoRA adapter, and the (candidate × prompt)
+requests of up to `max_loras` candidates go to one `LLM.generate` call with a `LoRARequest` per row.
 
 Adapters live in a scratch directory (/dev/shm where it exists) only for the call that uses
 them: afterwards they are removed from vLLM's cache and from disk, so memory and scratch space
@@ -15,15 +15,14 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from essa.adapter_files import write_peft_adapter
-from essa.engines.hf import Generation
+from essa.engines.rows import Generation, Rows, RowsOutput, generate
 from essa.errors import EssaError
+from essa.scratch import make_scratch
 from essa.svd import SVDSpace
 
 # vLLM accepts only these adapter ranks (max_lora_rank).
@@ -61,51 +60,26 @@ def memory_args(kv_cache_gb: float, gpu_memory_utilization: float, device: torch
     return {"gpu_memory_utilization": gpu_memory_utilization}
 
 
-def scratch_root() -> Path:
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def make_scratch() -> Path:
-    """A fresh scratch directory named after this process; those of killed processes are removed."""
-    root = scratch_root()
-    for stale in root.glob("essa-adapters-*"):
-        pid = stale.name.split("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"essa-adapters-{os.getpid()}-", dir=root))
-
-
 class VLLMEngine:
     """Evaluate populations as hot-swapped LoRA adapters in one vLLM `generate` per chunk."""
 
     def __init__(self, source: str, space: SVDSpace, max_new_tokens: int,
                  dtype: torch.dtype, quantization: str, max_loras: int, memory: dict, max_model_len: int,
-                 seed: int) -> None:
+                 seed: int, parallel: dict | None = None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from vllm import LLM, SamplingParams
 
 
         self.space, self.source, self.max_loras = space, source, max_loras
-        self.scratch = make_scratch()
+        self.scratch = make_scratch("essa-adapters")
         self.ids = itertools.count(1)
         self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         kwargs = {"quantization": "bitsandbytes"} if quantization == "nf4" else {}
         self.llm = LLM(model=source, tokenizer=source, enable_lora=True, max_loras=max_loras,
                        max_cpu_loras=max_loras, max_lora_rank=lora_rank_for_vllm(space.rank),
                        dtype=str(dtype).removeprefix("torch."), max_model_len=max_model_len, seed=seed,
-                       enable_prefix_caching=False, **memory, **kwargs)
+                       enable_prefix_caching=False, **memory, **kwargs, **(parallel or {}))
 
     def _load_adapters(self, candidates: torch.Tensor) -> tuple[list, float, float]:
         """Write each candidate as an adapter and load it into vLLM; (requests, write s, load s)."""
@@ -127,25 +101,24 @@ class VLLMEngine:
             self.llm.llm_engine.remove_lora(request.lora_int_id)
             shutil.rmtree(request.lora_path, ignore_errors=True)
 
+    def chunk_size(self, n_prompts: int) -> int:
+        return self.max_loras * n_prompts  # candidate-major rows: max_loras adapters per call
+
+    def generate_rows(self, candidates: torch.Tensor, prompts: list[str], rows: Rows) -> RowsOutput:
+        start = time.perf_counter()
+        members = sorted(set(rows.members))
+        requests, write, load = self._load_adapters(candidates[members])
+        by_member = dict(zip(members, requests))
+        try:
+            outputs = self.llm.generate([prompts[j] for j in rows.prompts], self.sampling,
+                                        lora_request=[by_member[m] for m in rows.members], use_tqdm=False)
+        finally:
+            self._release(requests)
+        return RowsOutput([o.outputs[0].text for o in outputs], sum(len(o.outputs[0].token_ids) for o in outputs),
+                          time.perf_counter() - start, {"seconds_adapter_write": write, "seconds_adapter_load": load})
+
     def generate(self, candidates: torch.Tensor, prompts: list[str]) -> Generation:
-        candidates = torch.as_tensor(candidates, dtype=torch.float32).reshape(-1, self.space.dim)
-        completions: list[list[str]] = []
-        tokens, seconds, write, load = 0, 0.0, 0.0, 0.0
-        for lo in range(0, len(candidates), self.max_loras):
-            start = time.perf_counter()
-            requests, write_s, load_s = self._load_adapters(candidates[lo: lo + self.max_loras])
-            try:
-                outputs = self.llm.generate([p for _ in requests for p in prompts], self.sampling,
-                                            lora_request=[r for r in requests for _ in prompts], use_tqdm=False)
-            finally:
-                self._release(requests)
-            seconds += time.perf_counter() - start
-            write, load = write + write_s, load + load_s
-            tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-            texts = [o.outputs[0].text for o in outputs]
-            completions += [texts[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(requests))]
-        return Generation(completions, tokens, seconds,
-                          {"seconds_adapter_write": write, "seconds_adapter_load": load})
+        return generate(self, candidates, prompts)
 
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)

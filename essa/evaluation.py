@@ -1,0 +1,124 @@
+"""Evaluating a population: every chunk of rows is generated, then scored beside the engine that
+generated it.
+
+Scoring a chunk where it was generated means a distributed evaluator sends back rewards (a float
+per row) rather than completions (kilobytes per row), and a custom reward runs wherever the
+engine does. The local evaluator runs the same `evaluate_chunk` over the same chunks as the
+workers of `essa.distributed`, which is why one process and N workers agree row for row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from essa.data import Dataset, render
+from essa.engines.rows import Engine, Rows, chunk_rows
+from essa.recipe import DataSection
+from essa.scoring import Scorer
+from essa.svd import SVDSpace
+
+
+@dataclass(frozen=True)
+class Task:
+    """The prompts of one evaluation: rendered for the model, and as the reward sees them."""
+
+    rendered: list[str]
+    prompts: list[str]
+    columns: dict[str, list[Any]]
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase, data: Dataset, section: DataSection) -> "Task":
+        return cls(render(tokenizer, data.prompts(), section), data.prompts(), data.columns())
+
+    def rows(self, prompts: tuple[int, ...]) -> tuple[list[str], dict[str, list[Any]]]:
+        return [self.prompts[j] for j in prompts], {k: [v[j] for j in prompts] for k, v in self.columns.items()}
+
+
+@dataclass
+class ChunkResult:
+    scores: np.ndarray          # one reward per row
+    failures: int               # rows whose reward failed (scored 0)
+    first_error: str | None
+    tokens: int
+    seconds_generate: float
+    seconds_score: float
+    phases: dict[str, float]
+    texts: list[str] | None     # the completions, when asked for
+
+
+def evaluate_chunk(engine: Engine, scorer: Scorer, candidates: torch.Tensor, task: Task, rows: Rows,
+                   keep_texts: bool) -> ChunkResult:
+    out = engine.generate_rows(candidates, task.rendered, rows)
+    start = time.perf_counter()
+    prompts, columns = task.rows(rows.prompts)
+    scores, failures = scorer(prompts, out.texts, columns)
+    return ChunkResult(scores, failures, scorer.first_error, out.tokens, out.seconds, time.perf_counter() - start,
+                       out.phases, out.texts if keep_texts else None)
+
+
+@dataclass
+class Evaluation:
+    scores: np.ndarray                    # [candidate, prompt]
+    failures: int
+    first_error: str | None
+    tokens: int
+    seconds: float                        # wall-clock, generation and scoring of every chunk
+    seconds_generate: float               # summed over chunks (over workers, when distributed)
+    seconds_score: float
+    phases: dict[str, float]
+    completions: list[list[str]] | None   # [candidate][prompt], when asked for
+    extra: dict[str, float] = field(default_factory=dict)  # evaluator-specific metrics (wire bytes, ...)
+
+    def metrics(self) -> dict[str, float]:
+        return {"generated_tokens": self.tokens, "seconds_generate": self.seconds_generate,
+                "seconds_score": self.seconds_score, **self.phases, **self.extra}
+
+
+def assemble(chunks: list[Rows], results: list[ChunkResult], n_candidates: int, n_prompts: int,
+             seconds: float) -> Evaluation:
+    """One evaluation from its chunks' results, in chunk order whichever worker produced them."""
+    scores = np.zeros((n_candidates, n_prompts))
+    texts = [[""] * n_prompts for _ in range(n_candidates)]
+    phases: dict[str, float] = {}
+    for rows, result in zip(chunks, results):
+        scores[list(rows.members), list(rows.prompts)] = result.scores
+        for m, j, text in zip(rows.members, rows.prompts, result.texts or ()):
+            texts[m][j] = text
+        phases = {k: phases.get(k, 0.0) + result.phases.get(k, 0.0) for k in phases.keys() | result.phases.keys()}
+    kept = all(r.texts is not None for r in results)
+    return Evaluation(scores, sum(r.failures for r in results), next((r.first_error for r in results if r.first_error),
+                                                                      None),
+                      sum(r.tokens for r in results), seconds, sum(r.seconds_generate for r in results),
+                      sum(r.seconds_score for r in results), phases, texts if kept else None)
+
+
+class Evaluator(Protocol):
+    space: SVDSpace
+
+    def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False) -> Evaluation: ...
+
+    def close(self) -> None: ...
+
+
+class LocalEvaluator:
+    """This process's engine and scorer, chunk after chunk."""
+
+    def __init__(self, engine: Engine, scorer: Scorer) -> None:
+        self.engine, self.scorer, self.space = engine, scorer, engine.space
+
+    def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False) -> Evaluation:
+        start = time.perf_counter()
+        candidates = torch.as_tensor(np.asarray(candidates, dtype=np.float32)).reshape(-1, self.space.dim)
+        n = len(task.prompts)
+        chunks = chunk_rows(len(candidates), n, self.engine.chunk_size(n))
+        results = [evaluate_chunk(self.engine, self.scorer, candidates, task, rows, keep_texts) for rows in chunks]
+        return assemble(chunks, results, len(candidates), n, time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.engine.close()
