@@ -41,7 +41,7 @@ from essa.evaluation import ChunkResult, Evaluation, Task, assemble, evaluate_ch
 from essa.preflight import SPACE_FILE
 from essa.recipe import Recipe, from_dict
 from essa.scoring import Scorer
-from essa.scratch import make_scratch
+from essa.scratch import make_scratch, sweep
 from essa.svd import SVDSpace
 
 # The driver moves kilobytes per iteration; Ray's default object store is 30% of RAM.
@@ -263,4 +263,7 @@ class RayEvaluator:
             ray.kill(worker)
         if self.started:
             ray.shutdown()
+        # Killed workers could not tidy up; those of this node are gone now, so their scratch goes too.
+        sweep("essa-worker")
+        sweep("essa-adapters")
 

@@ -28,11 +28,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def make_scratch(kind: str) -> Path:
-    """A fresh directory `<kind>-<pid>-*`; those of `kind` whose process is gone are removed."""
-    root = scratch_root()
-    for stale in root.glob(f"{kind}-*"):
+def sweep(kind: str) -> None:
+    """Remove the directories of `kind` whose process is gone."""
+    for stale in scratch_root().glob(f"{kind}-*"):
         pid = stale.name[len(kind) + 1:].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=root))
+
+
+def make_scratch(kind: str) -> Path:
+    """A fresh directory `<kind>-<pid>-*`, after sweeping those of `kind` whose process is gone."""
+    sweep(kind)
+    return Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=scratch_root()))
