@@ -10,21 +10,23 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
-from essa import checkpoint
+from essa import checkpoint, completions, trackers
 from essa.data import Dataset, minibatch
 from essa.distributed import RayEvaluator, distributed
 from essa.engines.load import load_engine
+from essa.engines.rows import OnChunk
 from essa.errors import EssaError
 from essa.evaluation import Evaluation, Evaluator, LocalEvaluator, Task
 from essa.files import write_text
 from essa.metrics import MetricsLog, peak_memory_mb, plot
 from essa.models import load_tokenizer, resolve_source
 from essa.preflight import CHECKPOINTS, METRICS_FILE, RECIPE_FILE, SPACE_FILE, Inputs, check_inputs, check_run_dir
+from essa.progress import ChunkSteps, Steps, phase
 from essa.recipe import Recipe
+from essa.report import write_report
 from essa.scoring import Scorer
 from essa.strategies import State, Strategy, make_strategy
 
@@ -47,9 +49,9 @@ class Parts:
     heldout: Task
     scorer: Scorer
 
-    def heldout_reward(self, center: np.ndarray) -> tuple[float, Evaluation]:
+    def heldout_reward(self, center: np.ndarray, on_chunk: OnChunk | None = None) -> tuple[float, Evaluation]:
         """Mean reward of the center on the held-out prompts, with its evaluation."""
-        evaluation = self.evaluator.evaluate(center[None], self.heldout, keep_texts=True)
+        evaluation = self.evaluator.evaluate(center[None], self.heldout, keep_texts=True, on_chunk=on_chunk)
         return float(evaluation.scores.mean()), evaluation
 
 
@@ -111,20 +113,21 @@ def restore(root: Path, strategy: Strategy, console: Console) -> tuple[State, Be
     return state, best, ckpt.meta["baseline_reward"]
 
 
-def report(run_dir: Path, recipe: Recipe, rows: list[dict], best: Best, baseline: float, iterations: int,
-           seconds: float, console: Console) -> dict:
+def summarize(run_dir: Path, recipe: Recipe, rows: list[dict], best: Best, baseline: float, iterations: int,
+              seconds: float, console: Console) -> dict:
     plot(rows, run_dir / "reward.png", f"essa align: {recipe.source}")
     final = next((r["heldout_reward"] for r in reversed(rows) if r.get("heldout_reward") is not None), baseline)
     summary = {"baseline_heldout_reward": baseline, "final_heldout_reward": final,
                "best_heldout_reward": best.reward, "best_iteration": best.iteration, "iterations": iterations,
                "seconds_this_session": seconds, "peak_memory_mb": peak_memory_mb(), "run_dir": str(run_dir)}
     write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    page = write_report(run_dir)
     table = Table(title="essa align: held-out reward of the center")
     for column in ("initial", "final", "best", "best at iteration"):
         table.add_column(column)
     table.add_row(f"{baseline:.4f}", f"{final:.4f}", f"{best.reward:.4f}", str(best.iteration))
     console.print(table)
-    console.print(f"run directory: {run_dir} (metrics.jsonl, reward.png, checkpoints/); "
+    console.print(f"run directory: {run_dir} (metrics.jsonl, completions/, reward.png, checkpoints/); report: {page}; "
                   f"export with: essa export {run_dir} --adapter DIR")
     return summary
 
@@ -132,23 +135,34 @@ def report(run_dir: Path, recipe: Recipe, rows: list[dict], best: Best, baseline
 def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Console) -> dict:
     started = time.perf_counter()
     check_run_dir(run_dir, resume)
-    with console.status("checking the model config, data and reward..."):
+    with phase(console, "checking the model config, data and reward"):
         inputs = check_inputs(recipe)
     try:
+        trackers.check_installed(recipe.run.report_to)
         if not resume:
             (run_dir / SPACE_FILE).unlink(missing_ok=True)
         write_text(run_dir / RECIPE_FILE, json.dumps(raw, indent=1))
-        with console.status("loading model and building the SVD space..."):
+        with phase(console, "loading the model and building the SVD space"):
             parts = build_parts(recipe, raw, run_dir, inputs, console)
         try:
-            return evolve(parts, run_dir, resume, started, console)
+            return evolve(parts, raw, run_dir, resume, started, console)
         finally:
             parts.evaluator.close()  # also on Ctrl-C: vLLM's scratch adapters and Ray's workers go
     finally:
         inputs.scorer.close()
 
 
-def evolve(parts: Parts, run_dir: Path, resume: bool, started: float, console: Console) -> dict:
+def heldout(parts: Parts, center: np.ndarray, iteration: int, run_dir: Path,
+            console: Console) -> tuple[float, Evaluation, list[dict]]:
+    """The center's held-out reward; its prompts, completions and rewards go to completions/."""
+    with ChunkSteps(console, "held-out chunks", bar=False) as on_chunk:  # inside align's own bar or spinner
+        reward, evaluation = parts.heldout_reward(center, on_chunk)
+    rows = completions.heldout_rows(parts.heldout, evaluation, parts.scorer)
+    completions.write(run_dir, iteration, rows)
+    return reward, evaluation, rows
+
+
+def evolve(parts: Parts, raw: dict, run_dir: Path, resume: bool, started: float, console: Console) -> dict:
     """Restore or start, then iterate to run.iterations, checkpointing after every iteration."""
     recipe, run = parts.recipe, parts.recipe.run
     ckpt_root, metrics = run_dir / CHECKPOINTS, MetricsLog(run_dir / METRICS_FILE)
@@ -159,42 +173,50 @@ def evolve(parts: Parts, run_dir: Path, resume: bool, started: float, console: C
                   f"{min(recipe.data.prompts_per_iteration, len(parts.train))} prompts")
 
     restored = restore(ckpt_root, strategy, console) if resume else None
-    if restored:
-        state, best, baseline = restored
-        metrics.truncate(state.iteration)
-    else:
-        state = strategy.init()
-        metrics.truncate(-1)
-        with console.status("evaluating the initial adapter on held-out prompts..."):
-            baseline, evaluation = parts.heldout_reward(state.center)
-        failures = evaluation.failures
-        if failures == len(parts.heldout.prompts):  # all-zero rewards would look like a run and be none
-            raise EssaError(f"reward {parts.scorer.name!r} failed on every held-out row ({evaluation.first_error}); "
-                            "nothing was trained: fix the reward, its reward.kwargs or the data's columns")
-        best = Best(state.center.copy(), baseline, 0)
-        metrics.append({"iteration": 0, "heldout_reward": baseline, "reward_failures": failures,
-                        "peak_memory_mb": peak_memory_mb()})
-        console.print(f"held-out reward of the initial adapter: {baseline:.4f}")
-
-    progress = Progress(TextColumn("[bold]align"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console)
-    with progress:
-        task = progress.add_task("align", total=run.iterations, completed=state.iteration, stats="")
-        while state.iteration < run.iterations:
-            state, row = step(parts, strategy, state)
-            stats = f"reward {row['reward_mean']:.3f} (max {row['reward_max']:.3f})"
-            if state.iteration % run.eval_every == 0 or state.iteration == run.iterations:
-                t = time.perf_counter()
-                row["heldout_reward"], evaluation = parts.heldout_reward(state.center)
-                row["reward_failures"] += evaluation.failures
-                row["seconds_eval"] = time.perf_counter() - t
-                if row["heldout_reward"] > best.reward:
-                    best = Best(state.center.copy(), row["heldout_reward"], state.iteration)
-                stats += f"  held-out {row['heldout_reward']:.3f}"
-            row["peak_memory_mb"] = peak_memory_mb()
+    sinks = trackers.Trackers(run.report_to, run_dir, raw, restored[0].iteration if restored else None)
+    try:
+        if restored:
+            state, best, baseline = restored
+            metrics.truncate(state.iteration)
+        else:
+            state = strategy.init()
+            metrics.truncate(-1)
+            with phase(console, f"evaluating the initial adapter on {len(parts.heldout.prompts)} held-out prompts"):
+                baseline, evaluation, samples = heldout(parts, state.center, 0, run_dir, console)
+            if evaluation.failures == len(parts.heldout.prompts):  # all-zero rewards would look like a run
+                raise EssaError(f"reward {parts.scorer.name!r} failed on every held-out row "
+                                f"({evaluation.first_error}); nothing was trained: fix the reward, its "
+                                "reward.kwargs or the data's columns")
+            best = Best(state.center.copy(), baseline, 0)
+            row = {"iteration": 0, "heldout_reward": baseline, "reward_failures": evaluation.failures,
+                   "peak_memory_mb": peak_memory_mb()}
             metrics.append(row)
-            save_checkpoint(ckpt_root, state, best, baseline, run.keep_checkpoints)
-            progress.update(task, completed=state.iteration, stats=stats)
+            sinks.log(row, samples)
+            console.print(f"held-out reward of the initial adapter: {baseline:.4f}")
 
-    return report(run_dir, recipe, metrics.read(), best, baseline, state.iteration,
-                  time.perf_counter() - started, console)
+        with Steps(console, "align", run.iterations, state.iteration) as steps:
+            while state.iteration < run.iterations:
+                t = time.perf_counter()
+                state, row = step(parts, strategy, state)
+                stats = f"reward {row['reward_mean']:.3f} (max {row['reward_max']:.3f})"
+                samples = None
+                if state.iteration % run.eval_every == 0 or state.iteration == run.iterations:
+                    t_eval = time.perf_counter()
+                    row["heldout_reward"], evaluation, samples = heldout(parts, state.center, state.iteration,
+                                                                                    run_dir, console)
+                    row["reward_failures"] += evaluation.failures
+                    row["seconds_eval"] = time.perf_counter() - t_eval
+                    if row["heldout_reward"] > best.reward:
+                        best = Best(state.center.copy(), row["heldout_reward"], state.iteration)
+                    stats += f"  held-out {row['heldout_reward']:.3f}"
+                row["peak_memory_mb"] = peak_memory_mb()
+                metrics.append(row)
+                save_checkpoint(ckpt_root, state, best, baseline, run.keep_checkpoints)
+                sinks.log(row, samples)
+                steps.update(state.iteration, f"{stats}  {row['tokens_per_s']:.0f} tok/s  "
+                                              f"{time.perf_counter() - t:.1f} s")
+    finally:
+        sinks.close()
+
+    return summarize(run_dir, recipe, metrics.read(), best, baseline, state.iteration,
+                     time.perf_counter() - started, console)

@@ -89,7 +89,21 @@ def _parser() -> argparse.ArgumentParser:
                         help="write a full model: dequantized base + merged delta, bf16 safetensors + tokenizer")
     export.add_argument("--center", choices=["best", "final"], default="best",
                         help="which center to export: best held-out reward (default) or the last iteration's")
+
+    report = sub.add_parser("report", help="write a run's self-contained HTML report",
+                            description="One HTML file that opens without a network: the recipe, reward curves, "
+                                        "time per phase and memory per iteration, the held-out completions of the "
+                                        "initial adapter and the best center side by side, and the export command. "
+                                        "`essa align` writes it at the end of every run.")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an `essa align` run directory")
+    report.add_argument("--out", type=Path, metavar="FILE", help="where to write it (default: RUN_DIR/report.html)")
     return parser
+
+
+def _report(args: argparse.Namespace) -> None:
+    from essa.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
 
 
 def _align(args: argparse.Namespace) -> None:
@@ -107,7 +121,7 @@ def _align(args: argparse.Namespace) -> None:
         raw, source = recipes.read_raw(path), str(path)
     raw = recipes.apply_overrides(raw, args.overrides, source)
     recipe = recipes.from_dict(raw, source)
-    console = Console()
+    console = Console(soft_wrap=True)  # in a log file a line stays one line
     try:
         align(recipe, raw, run_dir, args.resume, console)
     except KeyboardInterrupt:
@@ -213,7 +227,8 @@ def _eval(args: argparse.Namespace) -> None:
     from essa.files import check_output_file
 
     check_output_file(args.report, "--report")
-    report = evaluate(recipes.load(args.recipe, args.overrides), args.adapter, args.limit)
+    console = Console(soft_wrap=True)
+    report = evaluate(recipes.load(args.recipe, args.overrides), args.adapter, args.limit, console)
     write_report(report, args.report)
     results = report["results"]
     table = Table(title=f"essa eval: {report['prompts']} held-out prompts of {args.recipe}")
@@ -223,18 +238,18 @@ def _eval(args: argparse.Namespace) -> None:
     for metric in next(iter(results.values())):
         table.add_row(metric, *(f"{r[metric]:.4f}" if isinstance(r[metric], float) else str(r[metric])
                                 for r in results.values()))
-    Console().print(table)
+    console.print(table)
     print(f"wrote {args.report}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
+    from essa.progress import quiet_third_party
 
-    hf_logging.set_verbosity_error()
+    quiet_third_party()
     try:
         {"align": _align, "export": _export, "recipe": _recipe_check, "score": _score,
-         "eval": _eval}[args.command](args)
+         "eval": _eval, "report": _report}[args.command](args)
     except EssaError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -35,10 +35,11 @@ import torch
 from rich.console import Console
 
 from essa.engines.load import load_engine
-from essa.engines.rows import Rows, chunk_rows
+from essa.engines.rows import OnChunk, Rows, chunk_rows
 from essa.errors import EssaError
 from essa.evaluation import ChunkResult, Evaluation, Task, assemble, evaluate_chunk
 from essa.preflight import SPACE_FILE
+from essa.progress import quiet_third_party
 from essa.recipe import Recipe, from_dict
 from essa.scoring import Scorer
 from essa.scratch import make_scratch, sweep
@@ -82,6 +83,7 @@ class Worker:
     def setup(self, raw: dict, source: str, space: bytes | None, rewards: dict[str, tuple[str, bytes]],
               threads: int, tensor_parallel: int) -> bytes:
         """Load the model and build the engine; the space's bytes, built here when not given."""
+        quiet_third_party()
         torch.set_num_threads(threads)
         self.dir = make_scratch("essa-worker")
         recipe = from_dict(with_local_rewards(raw, rewards, self.dir), source)
@@ -200,7 +202,8 @@ class RayEvaluator:
                 raise EssaError(f"Ray worker: {err.cause}") from None
             raise
 
-    def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False) -> Evaluation:
+    def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
+                 on_chunk: OnChunk | None = None) -> Evaluation:
         start, ray = time.perf_counter(), self.ray
         candidates = np.asarray(candidates, dtype=np.float32).reshape(-1, self.space.dim)
         n = len(task.prompts)
@@ -227,6 +230,8 @@ class RayEvaluator:
                 continue
             received += wire_size(results[i])
             idle.append(worker)
+            if on_chunk:
+                on_chunk(sum(r is not None for r in results), len(chunks))
         self.busy = False
         evaluation = assemble(chunks, results, len(candidates), n, time.perf_counter() - start)
         evaluation.extra = {"bytes_sent": sent + wire_size(task) * len(used), "bytes_received": received,

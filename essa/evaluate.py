@@ -12,12 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from essa.data import render
 from essa.engines import HFEngine
+from essa.engines.rows import generate
 from essa.files import write_text
 from essa.models import load_model
 from essa.preflight import check_model, load_data
+from essa.progress import ChunkSteps, phase
 from essa.recipe import Recipe
 from essa.score import ifeval_metrics, ifeval_verdicts
 from essa.scoring import Scorer, as_score
@@ -42,32 +45,38 @@ def metrics_for(recipe: Recipe, rows: list[dict], completions: list[str], scorer
     return metrics
 
 
-def evaluate(recipe: Recipe, adapter: Path | None, limit: int | None) -> dict:
-    check_model(recipe, adapter, "--adapter")
-    _, heldout = load_data(recipe)
-    reward = recipe.reward
-    scorer = Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb,
-                                sorted(heldout.columns()))
+def evaluate(recipe: Recipe, adapter: Path | None, limit: int | None, console: Console) -> dict:
+    with phase(console, "checking the model config, data and reward"):
+        check_model(recipe, adapter, "--adapter")
+        _, heldout = load_data(recipe)
+        reward = recipe.reward
+        scorer = Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb,
+                                    sorted(heldout.columns()))
     try:
-        return _evaluate(recipe, adapter, heldout.rows[:limit] if limit else heldout.rows, scorer)
+        return _evaluate(recipe, adapter, heldout.rows[:limit] if limit else heldout.rows, scorer, console)
     finally:
         scorer.close()
 
 
-def _evaluate(recipe: Recipe, adapter: Path | None, rows: list[dict], scorer: Scorer) -> dict:
-    model, tokenizer = load_model(recipe.model)
-    lora = recipe.lora
-    space = SVDSpace(build_space(model, lora.rank, lora.alpha, lora.target_modules, str(adapter or ""), 1.0).modules,
-                     1.0)
+def _evaluate(recipe: Recipe, adapter: Path | None, rows: list[dict], scorer: Scorer, console: Console) -> dict:
+    with phase(console, "loading the model" + (f" and the adapter {adapter}" if adapter else "")):
+        model, tokenizer = load_model(recipe.model)
+        lora = recipe.lora
+        space = SVDSpace(build_space(model, lora.rank, lora.alpha, lora.target_modules, str(adapter or ""),
+                                     1.0).modules, 1.0)
     prompts = render(tokenizer, [r[recipe.data.prompt_field] for r in rows], recipe.data)
     initial = torch.cat([torch.cat([m.a.s, m.b.s]) for m in space.modules])
     candidates = torch.stack([-initial] + ([torch.zeros_like(initial)] if adapter else []))
     engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows)
-    gen = engine.generate(candidates, prompts)
+    what = f"generating for {len(rows)} prompts" + (" with the base model and the adapter" if adapter else "")
+    with phase(console, what), ChunkSteps(console, "eval chunks", bar=False) as on_chunk:
+        gen = generate(engine, candidates, prompts, on_chunk)
     engine.close()
     names = ["base"] + (["adapter"] if adapter else [])
+    with phase(console, f"scoring {len(names) * len(rows)} completions"):
+        results = {n: metrics_for(recipe, rows, c, scorer) for n, c in zip(names, gen.completions)}
     report = {"recipe": recipe.source, "adapter": str(adapter) if adapter else None, "prompts": len(rows),
-              "results": {n: metrics_for(recipe, rows, c, scorer) for n, c in zip(names, gen.completions)},
+              "results": results,
               "completions": [{"prompt": r[recipe.data.prompt_field], **dict(zip(names, outs))}
                               for r, outs in zip(rows, zip(*gen.completions))]}
     return report

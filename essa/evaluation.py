@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from essa.data import Dataset, render
-from essa.engines.rows import Engine, Rows, chunk_rows
+from essa.engines.rows import Engine, OnChunk, Rows, chunk_rows
 from essa.recipe import DataSection
 from essa.scoring import Scorer
 from essa.svd import SVDSpace
@@ -101,7 +101,8 @@ def assemble(chunks: list[Rows], results: list[ChunkResult], n_candidates: int, 
 class Evaluator(Protocol):
     space: SVDSpace
 
-    def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False) -> Evaluation: ...
+    def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
+                 on_chunk: OnChunk | None = None) -> Evaluation: ...
 
     def close(self) -> None: ...
 
@@ -112,12 +113,17 @@ class LocalEvaluator:
     def __init__(self, engine: Engine, scorer: Scorer) -> None:
         self.engine, self.scorer, self.space = engine, scorer, engine.space
 
-    def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False) -> Evaluation:
+    def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
+                 on_chunk: OnChunk | None = None) -> Evaluation:
         start = time.perf_counter()
         candidates = torch.as_tensor(np.asarray(candidates, dtype=np.float32)).reshape(-1, self.space.dim)
         n = len(task.prompts)
         chunks = chunk_rows(len(candidates), n, self.engine.chunk_size(n))
-        results = [evaluate_chunk(self.engine, self.scorer, candidates, task, rows, keep_texts) for rows in chunks]
+        results = []
+        for rows in chunks:
+            results.append(evaluate_chunk(self.engine, self.scorer, candidates, task, rows, keep_texts))
+            if on_chunk:
+                on_chunk(len(results), len(chunks))
         return assemble(chunks, results, len(candidates), n, time.perf_counter() - start)
 
     def close(self) -> None:

@@ -122,6 +122,9 @@ class GenerationSection:
     batch_rows: int = positive(256, 10**6)
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
+
 @dataclass(frozen=True)
 class RunSection:
     iterations: int = positive(20, 10**8)
@@ -129,6 +132,7 @@ class RunSection:
     eval_every: int = positive(5, 10**8)
     engine: Literal["hf", "vllm"] = "hf"
     keep_checkpoints: int = positive(2, 10**4)
+    report_to: Tracker | list[Tracker] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,8 @@ def _describe(tp: Any) -> str:
     if origin in (types.UnionType, typing.Union):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
-        return {str: "a list of strings", float: "a list of finite numbers"}[typing.get_args(tp)[0]]
+        item = typing.get_args(tp)[0]
+        return {str: "a list of strings", float: "a list of finite numbers"}.get(item) or f"a list of {_describe(item)}"
     return {int: "an integer", float: "a finite number", str: "a string",
             bool: "true or false", dict: "a table of finite values"}.get(tp, str(tp))
 

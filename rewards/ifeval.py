@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
 import re
 import warnings
@@ -23,8 +24,12 @@ SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]*[A-Z0-9])")
 
 @functools.lru_cache(maxsize=1)
 def _lm_eval():
+    # At import lm-eval tries to download punkt and then prints "Downloaded punkt_tab" even when the
+    # download failed (offline): noise. Whether punkt is there is said once, by punkt_available().
     try:
-        from lm_eval.tasks.ifeval import instructions_registry, utils
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+                contextlib.redirect_stderr(devnull):
+            from lm_eval.tasks.ifeval import instructions_registry, utils
     except ImportError as err:
         raise ImportError("the ifeval reward needs lm-eval: pip install -e \".[ifeval]\"") from err
     return instructions_registry, utils

@@ -9,7 +9,7 @@ numerics, wherever it runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -64,11 +64,19 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def generate(engine: Engine, candidates: Tensor | np.ndarray, prompts: list[str]) -> Generation:
+OnChunk = Callable[[int, int], None]  # (chunks done, chunks in all), for progress
+
+
+def generate(engine: Engine, candidates: Tensor | np.ndarray, prompts: list[str],
+             on_chunk: OnChunk | None = None) -> Generation:
     """Every candidate on every prompt, chunk after chunk."""
     candidates = torch.as_tensor(candidates, dtype=torch.float32).reshape(-1, engine.space.dim)
-    outputs = [engine.generate_rows(candidates, prompts, rows)
-               for rows in chunk_rows(len(candidates), len(prompts), engine.chunk_size(len(prompts)))]
+    chunks = chunk_rows(len(candidates), len(prompts), engine.chunk_size(len(prompts)))
+    outputs = []
+    for rows in chunks:
+        outputs.append(engine.generate_rows(candidates, prompts, rows))
+        if on_chunk:
+            on_chunk(len(outputs), len(chunks))
     texts = [t for out in outputs for t in out.texts]
     phases: dict[str, float] = {}
     for out in outputs:

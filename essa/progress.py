@@ -1,0 +1,103 @@
+"""Progress that works anywhere: a live bar on a terminal, plain flushed lines everywhere else.
+
+rich draws its bars and spinners only on a terminal, so under nohup, Slurm or CI a run printed
+nothing between its first and last lines. Here every long step says when it starts and ends, and
+every iteration or chunk of work is one line with its own numbers, elapsed time and ETA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def quiet_third_party() -> None:
+    """Silence the load bars and info logs of transformers and the hub, which say nothing a user can
+    act on (essa's own lines say what is loading and for how long); their warnings and errors stay."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@contextlib.contextmanager
+def phase(console: Console, what: str) -> Iterator[None]:
+    """A step without a count (loading a model, building the SVD space): a spinner on a terminal,
+    otherwise a line when it starts and one with its duration when it ends."""
+    start = time.perf_counter()
+    if console.is_terminal:
+        with console.status(f"{what}..."):
+            yield
+        return
+    console.print(f"{what}...", highlight=False)
+    yield
+    console.print(f"{what}: done in {time.perf_counter() - start:.1f} s", highlight=False)
+
+
+class Steps:
+    """Progress of counted work (iterations, chunks of prompts). `bar=False` is for work inside
+    another live display (rich allows one at a time): silent on a terminal, lines elsewhere."""
+
+    def __init__(self, console: Console, what: str, total: int, done: int = 0, bar: bool = True) -> None:
+        self.console, self.what, self.total, self.first = console, what, total, done
+        self.start = time.perf_counter()
+        self.bar: Progress | None = None
+        self.silent = console.is_terminal and not bar
+        if console.is_terminal and bar:
+            self.bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console,
+                                transient=what != "align")
+            self.task = self.bar.add_task(what, total=total, completed=done, stats="")
+
+    def __enter__(self) -> "Steps":
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def update(self, done: int, stats: str = "") -> None:
+        if self.bar:
+            self.bar.update(self.task, completed=done, stats=stats)
+            return
+        if self.silent:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
+        eta = clock((self.total - done) / rate) if rate > 0 else "?"
+        parts = [f"{self.what} {done}/{self.total}", stats, f"elapsed {clock(elapsed)}", f"ETA {eta}"]
+        self.console.print("  ".join(p for p in parts if p), highlight=False, soft_wrap=True)
+
+
+class ChunkSteps:
+    """`on_chunk` for an evaluation: once it has more than one chunk, a Steps line (or bar) per chunk."""
+
+    def __init__(self, console: Console, what: str, bar: bool = True) -> None:
+        self.console, self.what, self.bar, self.steps = console, what, bar, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < 2:
+            return
+        if self.steps is None:
+            self.steps = Steps(self.console, self.what, total, bar=self.bar).__enter__()
+        self.steps.update(done)
+
+    def __enter__(self) -> "ChunkSteps":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.steps is not None:
+            self.steps.__exit__(*exc)
