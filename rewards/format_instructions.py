@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 END_PHRASES = ["is there anything else i can help with?", "that is all.", "hope this helps!", "thank you for reading."]
 QUOTE = '"'
+MIN_WORDS = 5  # fewer words than the smallest word limit (10) allows, enough to be an answer
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,11 @@ INSTRUCTIONS: dict[str, Instruction] = {
 
 
 def score_response(text: str, instructions: list[dict[str, Any]]) -> float:
-    """Mean graded score over a prompt's instructions."""
+    """Mean graded score over a prompt's instructions, scaled down for answers under MIN_WORDS words:
+    an empty answer has no commas, no capitals and few words, and scored up to 0.75 on most prompts,
+    so evolution learned to say nothing (seen in the quickstart's held-out completions)."""
     scores = [INSTRUCTIONS[i["id"]].check(text, i.get("kwargs", {})) for i in instructions]
-    return sum(scores) / len(scores)
+    return sum(scores) / len(scores) * min(1.0, len(re.findall(r"\S+", text)) / MIN_WORDS)
 
 
 def reward(prompts: list[str], completions: list[str], instructions: list[list[dict]], **_: Any) -> list[float]:

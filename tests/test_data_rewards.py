@@ -12,11 +12,13 @@ from rewards import format_instructions as fi
 
 
 @pytest.mark.parametrize("instruction, good, bad", [
-    ({"id": "lowercase"}, "all lowercase here.", "Every Word Is Capitalized Here Now."),
-    ({"id": "no_commas"}, "no commas at all", "one, two, three, four"),
-    ({"id": "max_words", "kwargs": {"max_words": 3}}, "three short words", "this answer has far too many words in it"),
-    ({"id": "end_phrase", "kwargs": {"end_phrase": "that is all."}}, "Cats nap. That is all.", "Cats nap."),
-    ({"id": "quoted"}, '"a quoted answer"', "not quoted"),
+    ({"id": "lowercase"}, "all lowercase here, every word.", "Every Word Is Capitalized Here Now."),
+    ({"id": "no_commas"}, "no commas at all in here", "one, two, three, four"),
+    ({"id": "max_words", "kwargs": {"max_words": 6}}, "six short words in this answer",
+     "this answer has far too many words in it, far more than six"),
+    ({"id": "end_phrase", "kwargs": {"end_phrase": "that is all."}}, "Cats nap. That is all.",
+     "Cats nap all day long."),
+    ({"id": "quoted"}, '"a quoted answer of five"', "not quoted at all here"),
 ])
 def test_checkers_score_good_above_bad(instruction, good, bad):
     assert fi.score_response(good, [instruction]) == 1.0
@@ -24,12 +26,19 @@ def test_checkers_score_good_above_bad(instruction, good, bad):
 
 
 def test_checkers_are_graded():
-    assert fi.score_response("Two Capitals", [{"id": "lowercase"}]) == pytest.approx(0.6)
-    assert fi.score_response("x, y", [{"id": "no_commas"}]) == pytest.approx(2 / 3)
+    assert fi.score_response("Two Capitals in five words", [{"id": "lowercase"}]) == pytest.approx(0.6)
+    assert fi.score_response("x, y and then z", [{"id": "no_commas"}]) == pytest.approx(2 / 3)
     end = [{"id": "end_phrase", "kwargs": {"end_phrase": "that is all."}}]
-    assert fi.score_response("that is all. more", end) == 0.5
+    assert fi.score_response("that is all. more to say", end) == 0.5
     two = [{"id": "lowercase"}, {"id": "quoted"}]
-    assert fi.score_response("lower but unquoted", two) == 0.5
+    assert fi.score_response("lower but unquoted and long", two) == 0.5
+
+
+def test_an_answer_too_short_to_be_one_scores_little():
+    instructions = [{"id": "lowercase"}, {"id": "no_commas"}]
+    assert fi.score_response("", instructions) == 0.0
+    assert fi.score_response("ok", instructions) == pytest.approx(1 / 5)  # follows both, in 1 of 5 words
+    assert fi.score_response("a plain lowercase answer here", instructions) == 1.0
 
 
 def test_generated_prompts_are_deterministic_and_heldout_topics_are_unseen():

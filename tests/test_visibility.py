@@ -88,7 +88,8 @@ def test_tensorboard_scalars_and_text_read_back_and_resume_continues(tiny_recipe
     steps = [e.step for e in events.Scalars("reward_mean")]
     assert steps == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("heldout_reward")] == [0, 2, 4]
-    assert [e.value for e in events.Scalars("reward_mean")] == pytest.approx([r["reward_mean"] for r in rows_of(run)[1:]])
+    assert [e.value for e in events.Scalars("reward_mean")] == pytest.approx(
+        [r["reward_mean"] for r in rows_of(run)[1:]])
     texts = events.Tags()["tensors"]
     assert "recipe/text_summary" in texts and "heldout_completions/text_summary" in texts
 
@@ -183,7 +184,8 @@ def test_a_tracker_that_is_not_installed_is_one_line(tiny_recipe, tmp_path):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
-HOSTILE = '</script><script>document.body.dataset.pwned = "1"</script><img src=x onerror="document.body.dataset.pwned=1">'
+HOSTILE = ('</script><script>document.body.dataset.pwned = "1"</script>'
+           '<img src=x onerror="document.body.dataset.pwned=1">')
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:
@@ -205,7 +207,8 @@ def test_report_renders_in_headless_chromium(tiny_recipe, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["report", str(run)]) == 0
     dom = chromium("--dump-dom", report.as_uri()).stdout
-    assert 'data-rendered="yes"' in dom and 'id="script-error"' not in dom and "pwned" not in dom.split("<body")[1][:200]
+    body = dom.split("<body")[1][:200]  # the body tag with its data-* attributes
+    assert 'data-rendered="yes"' in body and "pwned" not in body and 'id="script-error"' not in dom
     assert dom.count('class="curve"') >= 5  # reward mean/max/held-out, phases, memory
     assert dom.count("<tr>") >= 1 + 4 and "&lt;/script&gt;" in dom
     png = tmp_path / "report.png"
