@@ -17,7 +17,7 @@ from essa import checkpoint, completions, trackers
 from essa.data import Dataset, minibatch
 from essa.distributed import RayEvaluator, distributed
 from essa.engines.load import load_engine
-from essa.engines.rows import OnChunk
+from essa.engines.rows import OnChunk, add_up
 from essa.errors import EssaError
 from essa.evaluation import Evaluation, Evaluator, LocalEvaluator, Task
 from essa.files import write_text
@@ -80,10 +80,7 @@ def step(parts: Parts, strategy: Strategy, state: State) -> tuple[State, dict]:
         evaluations.append(evaluation)
     # The first ask is around the center for every strategy: its rewards describe the population.
     first, seconds = evaluations[0].scores.mean(1), time.perf_counter() - t0
-    timings: dict[str, float] = {}
-    for evaluation in evaluations:
-        timings = {k: timings.get(k, 0) + v for k, v in (evaluation.metrics() | {"seconds_evaluate": evaluation.seconds}
-                                                          ).items()}
+    timings = add_up(e.metrics() | {"seconds_evaluate": e.seconds} for e in evaluations)
     row = {"iteration": state.iteration, "reward_mean": float(first.mean()), "reward_std": float(first.std()),
            "reward_max": float(first.max()), "reward_failures": sum(e.failures for e in evaluations),
            "candidates": sum(len(e.scores) for e in evaluations), **timings,
@@ -203,7 +200,7 @@ def evolve(parts: Parts, raw: dict, run_dir: Path, resume: bool, started: float,
                 if state.iteration % run.eval_every == 0 or state.iteration == run.iterations:
                     t_eval = time.perf_counter()
                     row["heldout_reward"], evaluation, samples = heldout(parts, state.center, state.iteration,
-                                                                                    run_dir, console)
+                                                                         run_dir, console)
                     row["reward_failures"] += evaluation.failures
                     row["seconds_eval"] = time.perf_counter() - t_eval
                     if row["heldout_reward"] > best.reward:

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="compare the base model and an adapter on held-out prompts",
                               description="Generate on the recipe's held-out prompts with the base model and, "
-                                          "with --adapter, the adapter (one batched generation); print a "
+                                          "with --adapter, the adapter (batched together); print a "
                                           "side-by-side table (for IFEval: prompt/instruction level, strict/loose) "
                                           "and write a JSON report with the metrics and completions.")
     evaluate.add_argument("recipe", type=Path, metavar="RECIPE", help="TOML recipe (model, data, reward)")

@@ -127,7 +127,7 @@ class RayEvaluator:
             raise EssaError("distributed: Ray is not installed; pip install -e \".[ray]\"") from None
         self.ray, self.console, self.recipe = ray, console, recipe
         cfg = recipe.distributed
-        self.local, self.busy = cfg.address in ("", "local"), False
+        self.local, self.busy, self.chunk_sizes = cfg.address in ("", "local"), False, {}
         self.started = not ray.is_initialized()
         if self.started:
             # address "local" starts a fresh instance even when RAY_ADDRESS names another cluster.
@@ -239,14 +239,15 @@ class RayEvaluator:
         return evaluation
 
     def _chunk_size(self, n_prompts: int) -> int:
-        """The engines' own chunking, asked of a live worker."""
+        """The engines' own chunking, asked of a live worker once per prompt count."""
         lost = (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError)
-        while True:
+        while n_prompts not in self.chunk_sizes:
             worker = self.workers[0]
             try:
-                return self._get(worker.chunk_size.remote(n_prompts))
+                self.chunk_sizes[n_prompts] = self._get(worker.chunk_size.remote(n_prompts))
             except lost as err:
                 self._lose(worker, err)
+        return self.chunk_sizes[n_prompts]
 
     def _lose(self, worker: Any, err: Exception) -> None:
         self.workers.remove(worker)

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from essa.data import Dataset, render
-from essa.engines.rows import Engine, OnChunk, Rows, chunk_rows
+from essa.engines.rows import Engine, OnChunk, Rows, add_up, chunk_rows
 from essa.recipe import DataSection
 from essa.scoring import Scorer
 from essa.svd import SVDSpace
@@ -85,17 +85,16 @@ def assemble(chunks: list[Rows], results: list[ChunkResult], n_candidates: int, 
     """One evaluation from its chunks' results, in chunk order whichever worker produced them."""
     scores = np.zeros((n_candidates, n_prompts))
     texts = [[""] * n_prompts for _ in range(n_candidates)]
-    phases: dict[str, float] = {}
     for rows, result in zip(chunks, results):
         scores[list(rows.members), list(rows.prompts)] = result.scores
         for m, j, text in zip(rows.members, rows.prompts, result.texts or ()):
             texts[m][j] = text
-        phases = {k: phases.get(k, 0.0) + result.phases.get(k, 0.0) for k in phases.keys() | result.phases.keys()}
     kept = all(r.texts is not None for r in results)
     return Evaluation(scores, sum(r.failures for r in results), next((r.first_error for r in results if r.first_error),
                                                                       None),
                       sum(r.tokens for r in results), seconds, sum(r.seconds_generate for r in results),
-                      sum(r.seconds_score for r in results), phases, texts if kept else None)
+                      sum(r.seconds_score for r in results), add_up(r.phases for r in results),
+                      texts if kept else None)
 
 
 class Evaluator(Protocol):

@@ -9,7 +9,7 @@ numerics, wherever it runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +35,15 @@ class RowsOutput:
     tokens: int        # generated tokens, up to and including each row's end token
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)  # engine-specific timings, in seconds
+
+
+def add_up(timings: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Key-wise sums of timing dicts (keys missing from some count as 0)."""
+    total: dict[str, float] = {}
+    for timing in timings:
+        for key, value in timing.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
 
 
 def chunk_rows(n_candidates: int, n_prompts: int, size: int) -> list[Rows]:
@@ -78,9 +87,6 @@ def generate(engine: Engine, candidates: Tensor | np.ndarray, prompts: list[str]
         if on_chunk:
             on_chunk(len(outputs), len(chunks))
     texts = [t for out in outputs for t in out.texts]
-    phases: dict[str, float] = {}
-    for out in outputs:
-        phases = {k: phases.get(k, 0.0) + out.phases.get(k, 0.0) for k in phases.keys() | out.phases.keys()}
     n = len(prompts)
     return Generation([texts[i * n:(i + 1) * n] for i in range(len(candidates))], sum(o.tokens for o in outputs),
-                      sum(o.seconds for o in outputs), phases)
+                      sum(o.seconds for o in outputs), add_up(o.phases for o in outputs))
