@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 # Tests never download: fail fast instead of retrying the hub (set before transformers is imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,3 +90,17 @@ def tiny_recipe(tmp_path: Path, tiny_model_dir: Path):
         return write_recipe(tmp_path / "recipe.toml", tiny_model_dir, **sections)
 
     return make
+
+
+def netns_available() -> bool:
+    try:
+        return subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def in_netns(args: list[str]) -> list[str]:
+    """The command inside a network namespace of its own, with only loopback up."""
+    quoted = " ".join("'" + a.replace("'", "'\\''") + "'" for a in args)
+    return ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {quoted}"]

@@ -26,6 +26,7 @@ from safetensors.numpy import load_file
 
 from essa.cli import main
 from essa.distributed import reward_files, with_local_rewards
+from tests.conftest import in_netns, netns_available
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS = 3
@@ -34,14 +35,6 @@ REWARD = """
 def short_and_lower(prompts, completions, **_):
     return [float(c == c.lower()) + 1.0 / (1 + len(c)) for c in completions]
 """
-
-
-def netns_available() -> bool:
-    try:
-        return subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True,
-                              timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def ray_installed() -> bool:
@@ -60,12 +53,6 @@ needs_cluster = pytest.mark.skipif(not (ray_installed() and netns_available()),
 def ray_env(tmp: Path) -> dict[str, str]:
     return os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(tmp),
                          "PYTHONUNBUFFERED": "1"}
-
-
-def in_netns(args: list[str]) -> list[str]:
-    """The command inside a network namespace of its own, with only loopback up."""
-    quoted = " ".join("'" + a.replace("'", "'\\''") + "'" for a in args)
-    return ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {quoted}"]
 
 
 @pytest.fixture

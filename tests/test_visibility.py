@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from essa.cli import main
+from tests.conftest import in_netns, netns_available
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -189,8 +190,11 @@ HOSTILE = ('</script><script>document.body.dataset.pwned = "1"</script>'
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--no-first-run", "--allow-file-access-from-files", *args], capture_output=True, text=True,
+    """Headless Chromium, where possible in a network namespace with only loopback: the page needs
+    no network, and the browser's own background requests must not leave the machine."""
+    wrap = in_netns if netns_available() else list
+    return subprocess.run(wrap([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--no-first-run", "--allow-file-access-from-files", *args]), capture_output=True, text=True,
                           timeout=120)
 
 
