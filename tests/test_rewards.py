@@ -125,10 +125,11 @@ def test_weighted_combination_kwargs_and_timeout(tmp_path):
     assert scores.tolist() == [3.0, 3.0] and failures == 0
     scorer.close()
 
-    slow = Scorer.from_recipe(f"{path}:hangs", [], {}, timeout_s=0.5)
+    # timeout_s also bounds the import check at from_recipe; 0.5 s was too short on a slow CI machine
+    slow = Scorer.from_recipe(f"{path}:hangs", [], {}, timeout_s=2.0)
     start = time.perf_counter()
     scores, failures = slow(["p"], ["a"], {})
-    assert time.perf_counter() - start < 5 and failures == 1 and np.array_equal(scores, [0.0])
+    assert time.perf_counter() - start < 8 and failures == 1 and np.array_equal(scores, [0.0])
     assert slow(["p"], ["a"], {})[1] == 1  # still guarded after a timeout (a fresh reward process)
     slow.close()
     with pytest.raises(EssaError, match="2 weights for 1 rewards"):
