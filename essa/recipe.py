@@ -67,6 +67,7 @@ class LoraSection:
 @dataclass(frozen=True)
 class SVDSection:
     trainable_fraction: float = _checked(1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    factors: Literal["both", "b"] = "both"
 
 
 @dataclass(frozen=True)

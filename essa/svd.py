@@ -13,6 +13,12 @@ Without an SFT adapter, B = 0 and its SVD is degenerate (any orthonormal U_B fit
 W = U S Vᵀ: V_A = V[:, :r], U_B = U[:, :r], U_A = V_B = I, s_A = 1, s_B = 0. The adapter starts
 exactly at the base model and a candidate's s_B moves W's top-r singular directions (in weight
 units; s_A rescales them), which is where a small change of a weight matters most.
+
+Which singular values are searched (`svd.factors`): "both" (A's and B's, as in the paper) or "b"
+(B's only). With the principal initialization a module's delta is U_r diag(s_A ⊙ s_B) V_rᵀ, so
+A's values act only through the product and, while s_B = 0, not at all: searching B's alone
+spans the same deltas with half the dimensions. From an SFT adapter the two differ (A's values
+then mix with B's through V_Bᵀ U_A), and "b" is a restriction.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from torch import Tensor, nn
 from essa.adapter_files import read_peft_adapter
 from essa.errors import EssaError
 from essa.files import atomic_path
+
+
+FACTORS = ("both", "b")
 
 
 @dataclass(frozen=True)
@@ -94,13 +103,17 @@ def adapter_factors(name: str, module: nn.Linear, lora_a: Tensor, lora_b: Tensor
 class SVDSpace:
     """All adapted modules' frozen factors and the map between a flat search vector and them."""
 
-    def __init__(self, modules: list[ModuleFactors], trainable_fraction: float) -> None:
+    def __init__(self, modules: list[ModuleFactors], trainable_fraction: float, factors: str = "both") -> None:
+        if factors not in FACTORS:
+            raise EssaError(f"svd.factors: {factors!r} is not one of {', '.join(FACTORS)}")
         self.modules = modules
         self.trainable_fraction = trainable_fraction
+        self.factors = factors
         self.slices: list[tuple[slice, slice]] = []
         start = 0
         for m in modules:
-            ka, kb = self._trainable(len(m.a.s)), self._trainable(len(m.b.s))
+            ka = self._trainable(len(m.a.s)) if factors == "both" else 0
+            kb = self._trainable(len(m.b.s))
             self.slices.append((slice(start, start + ka), slice(start + ka, start + ka + kb)))
             start += ka + kb
         self.dim = start
@@ -133,7 +146,7 @@ class SVDSpace:
     def save(self, path: Path) -> None:
         tensors = {f"{m.name}.{f}.{k}": getattr(getattr(m, f), k).contiguous().clone()
                    for m in self.modules for f in ("a", "b") for k in ("U", "s", "V")}
-        meta = {"trainable_fraction": str(self.trainable_fraction),
+        meta = {"trainable_fraction": str(self.trainable_fraction), "factors": self.factors,
                 "modules": json.dumps([[m.name, m.scaling] for m in self.modules])}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -150,7 +163,8 @@ class SVDSpace:
             modules = [ModuleFactors(name, *(Factor(*(t[f"{name}.{f}.{k}"] for k in ("U", "s", "V")))
                                              for f in ("a", "b")), float(scaling))
                        for name, scaling in json.loads(meta["modules"])]
-            space = cls(modules, float(meta["trainable_fraction"]))
+            # Spaces saved before `factors` existed searched both factors.
+            space = cls(modules, float(meta["trainable_fraction"]), meta.get("factors", "both"))
         except Exception as err:  # noqa: BLE001 - any damage to the file reads the same to the user
             raise EssaError(f"{path}: damaged search space ({type(err).__name__}); delete it and run "
                             "`essa align ... --resume` to rebuild it from the model and recipe") from None
@@ -160,7 +174,7 @@ class SVDSpace:
 
 
 def build_space(model: nn.Module, rank: int, alpha: float, target_modules: list[str],
-                adapter: str, trainable_fraction: float) -> SVDSpace:
+                adapter: str, trainable_fraction: float, factors: str = "both") -> SVDSpace:
     """The search space for a model: from a PEFT adapter directory, or the principal initialization."""
     if adapter:
         config, weights = read_peft_adapter(Path(adapter))
@@ -175,4 +189,4 @@ def build_space(model: nn.Module, rank: int, alpha: float, target_modules: list[
         scaling = (alpha or rank) / rank
         modules = [principal_factors(name, module, rank, scaling)
                    for name, module in find_targets(model, target_modules).items()]
-    return SVDSpace(modules, trainable_fraction)
+    return SVDSpace(modules, trainable_fraction, factors)

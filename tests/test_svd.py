@@ -71,3 +71,34 @@ def test_targets_must_match():
     assert set(find_targets(TwoLayers(), ["q_proj"])) == {"q_proj"}
     with pytest.raises(EssaError, match="lora.target_modules"):
         find_targets(TwoLayers(), ["gate_proj"])
+
+
+def test_searching_b_only_halves_the_space_and_spans_the_same_principal_deltas(tmp_path):
+    model = TwoLayers()
+    args = dict(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], adapter="", trainable_fraction=1.0)
+    both, b_only = build_space(model, **args), build_space(model, **args, factors="b")
+    assert b_only.dim == both.dim // 2 == 2 * 4
+    offsets = torch.randn(b_only.dim)
+    # The same delta from the B half of a "both" vector whose A half is zero.
+    padded = torch.cat([torch.cat([torch.zeros(4), offsets[i * 4:(i + 1) * 4]]) for i in range(2)])
+    for (a1, b1), (a2, b2) in zip(b_only.lora_weights(offsets).values(), both.lora_weights(padded).values()):
+        assert torch.equal(a1, a2) and torch.equal(b1, b2)  # s_A stays at 1 when only B is searched
+    b_only.save(tmp_path / "b.safetensors")
+    assert SVDSpace.load(tmp_path / "b.safetensors").factors == "b"
+
+
+def test_spaces_saved_before_factors_existed_load_as_both(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    space = build_space(TwoLayers(), rank=4, alpha=8, target_modules=["q_proj"], adapter="", trainable_fraction=1.0)
+    space.save(tmp_path / "s.safetensors")
+    old_meta = {"trainable_fraction": "1.0", "modules": '[["q_proj", 2.0]]'}
+    save_file(load_file(str(tmp_path / "s.safetensors")), str(tmp_path / "old.safetensors"), metadata=old_meta)
+    old = SVDSpace.load(tmp_path / "old.safetensors")
+    assert old.factors == "both" and old.dim == space.dim == 8
+
+
+def test_unknown_factors_are_refused():
+    with pytest.raises(EssaError, match="svd.factors"):
+        build_space(TwoLayers(), rank=4, alpha=8, target_modules=["q_proj"], adapter="", trainable_fraction=1.0,
+                    factors="a")
