@@ -83,7 +83,8 @@ def step(parts: Parts, strategy: Strategy, state: State) -> tuple[State, dict]:
     timings = add_up(e.metrics() | {"seconds_evaluate": e.seconds} for e in evaluations)
     row = {"iteration": state.iteration, "reward_mean": float(first.mean()), "reward_std": float(first.std()),
            "reward_max": float(first.max()), "reward_failures": sum(e.failures for e in evaluations),
-           "candidates": sum(len(e.scores) for e in evaluations), **timings,
+           "candidates": sum(len(e.scores) for e in evaluations),
+           "sequences": sum(e.scores.size for e in evaluations), **timings,
            "tokens_per_s": timings["generated_tokens"] / timings["seconds_evaluate"],
            "seconds_update": seconds - timings["seconds_evaluate"]}
     return state, row

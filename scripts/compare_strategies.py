@@ -1,12 +1,17 @@
-"""Strategies side by side on one task: held-out reward vs candidate evaluations and vs seconds.
+"""Strategies (or any recipe variants) side by side on one task: held-out reward vs generated
+sequences and vs seconds.
 
-Each strategy runs `essa align` on the same recipe with several seeds and the same budget of
-candidate evaluations (ESSAM evaluates two populations per iteration, so it gets fewer
+Each variant runs `essa align` on the same recipe with several seeds and the same budget of
+generated sequences (candidates × prompts per iteration: ESSAM evaluates two populations per
+iteration and a larger population sees as many sequences in fewer iterations, so they get fewer
 iterations). Prints mean and spread across seeds, writes a JSON file and a PNG plot.
 
     python scripts/compare_strategies.py [--recipe recipes/quickstart.toml] [--seeds 0,1,2] \\
-        [--budget 128] [--strategies es,cma,essam,essam-fast] [--set KEY=VALUE ...] \\
-        [--out runs/compare-strategies] [--json FILE] [--quick]
+        [--budget 1024] [--strategies es,cma,essam,essam-fast] [--set KEY=VALUE ...] \\
+        [--variant "NAME: KEY=VALUE KEY=VALUE" ...] [--out runs/compare-strategies] [--json FILE] [--quick]
+
+`--variant` replaces the strategies with named sets of recipe overrides (repeatable), e.g.
+`--variant "both: svd.factors=both" --variant "b: svd.factors=b"`.
 
 Runs are kept under --out; a rerun skips finished runs and resumes killed ones.
 """
@@ -39,6 +44,13 @@ QUICK = ["data.prompts_per_iteration=2", "data.heldout_size=4", "generation.max_
 SECONDS = ("seconds_generate", "seconds_score", "seconds_update", "seconds_eval")
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition(":")
+    if not sep or not name.strip() or not overrides.split():
+        raise SystemExit(f"--variant {text!r}: expected \"NAME: KEY=VALUE [KEY=VALUE ...]\"")
+    return name.strip(), overrides.split()
+
+
 def run_one(recipe: Path, overrides: list[str], out: Path) -> list[dict]:
     metrics = out / "metrics.jsonl"
     if not (out / "summary.json").exists():
@@ -52,13 +64,13 @@ def run_one(recipe: Path, overrides: list[str], out: Path) -> list[dict]:
 
 
 def curve(rows: list[dict]) -> list[dict]:
-    """Held-out reward points with cumulative candidate evaluations and seconds of the loop."""
-    points, evaluations, seconds = [], 0, 0.0
+    """Held-out reward points with cumulative generated sequences and seconds of the loop."""
+    points, sequences, seconds = [], 0, 0.0
     for row in rows:
-        evaluations += row.get("candidates", 0)
+        sequences += row.get("sequences", 0)
         seconds += sum(row.get(k, 0.0) for k in SECONDS)
         if row.get("heldout_reward") is not None:
-            points.append({"iteration": row["iteration"], "evaluations": evaluations, "seconds": seconds,
+            points.append({"iteration": row["iteration"], "sequences": sequences, "seconds": seconds,
                            "heldout_reward": row["heldout_reward"]})
     return points
 
@@ -72,12 +84,12 @@ def plot(results: dict, path: Path, title: str) -> None:
     for name, runs in results.items():
         curves = [r["curve"] for r in runs]
         steps = min(len(c) for c in curves)
-        for ax, key in zip(axes, ("evaluations", "seconds")):
+        for ax, key in zip(axes, ("sequences", "seconds")):
             x = [statistics.mean(c[i][key] for c in curves) for i in range(steps)]
             y = [[c[i]["heldout_reward"] - c[0]["heldout_reward"] for c in curves] for i in range(steps)]
             line, = ax.plot(x, [statistics.mean(v) for v in y], marker="o", label=name)
             ax.fill_between(x, [min(v) for v in y], [max(v) for v in y], color=line.get_color(), alpha=0.15)
-    axes[0].set_xlabel("candidate evaluations")
+    axes[0].set_xlabel("generated sequences (training)")
     axes[1].set_xlabel("seconds (generate + score + update + held-out eval)")
     axes[0].set_ylabel("held-out reward gain (mean, min-max over seeds)")
     axes[0].legend()
@@ -91,8 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=recipes.bundled("quickstart"))
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--variant", dest="variants", action="append", default=[], metavar='"NAME: KEY=VALUE ..."',
+                        help="a named set of recipe overrides to compare instead of --strategies (repeatable)")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--budget", type=int, default=128, help="candidate evaluations per run (default 128)")
+    parser.add_argument("--budget", type=int, default=1024,
+                        help="generated training sequences per run: candidates x prompts per iteration (default 1024)")
     parser.add_argument("--evals", type=int, default=4, help="held-out evaluations per run besides the initial one")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/compare-strategies"))
@@ -102,12 +117,16 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides, budget = list(args.overrides), args.budget
     if args.quick:
-        seeds, budget, overrides = seeds[:1], 8, QUICK + overrides
+        seeds, budget, overrides = seeds[:1], 16, QUICK + overrides
+    variants = (dict(map(parse_variant, args.variants)) if args.variants
+                else {name: STRATEGIES[name] for name in args.strategies.split(",")})
 
     started, results = time.perf_counter(), {}
-    for name in args.strategies.split(","):
-        strategy = STRATEGIES[name] + overrides
-        iterations = max(1, budget // candidates_per_iteration(recipes.load(args.recipe, strategy).strategy))
+    for name, variant in variants.items():
+        strategy = overrides + variant
+        recipe = recipes.load(args.recipe, strategy)
+        per_iteration = candidates_per_iteration(recipe.strategy) * recipe.data.prompts_per_iteration
+        iterations = max(1, budget // per_iteration)
         settings = strategy + [f"run.iterations={iterations}", f"run.eval_every={max(1, iterations // args.evals)}"]
         results[name] = []
         for seed in seeds:
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[name].append({"seed": seed, "iterations": iterations, "curve": curve(rows)})
 
     # The held-out prompts depend on the run seed, so gains are taken per seed against its own start.
-    print(f"\n{'strategy':12s} {'iterations':>10s} {'initial':>8s} {'final':>8s} {'gain (mean ± sd)':>18s} "
+    print(f"\n{'variant':12s} {'iterations':>10s} {'initial':>8s} {'final':>8s} {'gain (mean ± sd)':>18s} "
           f"{'best gain':>9s} {'seconds':>8s}")
     summary = {}
     for name, runs in results.items():
@@ -131,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:12s} {runs[0]['iterations']:>10d} {initial[0]:8.4f} {final[0]:8.4f} {gain[0]:+10.4f} ± "
               f"{gain[1]:.4f} {best_gain:+9.4f} {seconds[0]:8.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(results, args.out / "strategies.png", f"{args.recipe.name}: {len(seeds)} seeds, {budget} evaluations")
-    report = {"recipe": str(args.recipe), "overrides": overrides, "budget": budget, "seeds": seeds,
+    plot(results, args.out / "strategies.png", f"{args.recipe.name}: {len(seeds)} seeds, {budget} sequences")
+    report = {"recipe": str(args.recipe), "overrides": overrides, "variants": variants, "budget": budget, "seeds": seeds,
               "summary": summary, "runs": results, "seconds_total": time.perf_counter() - started}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

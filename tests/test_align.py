@@ -95,6 +95,8 @@ def test_every_strategy_runs_and_resumes_bit_for_bit_after_a_kill(tiny_recipe, t
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     per_iteration = {"cma": 4, "essam": 2 + 4}[strategy["name"]]
     assert all(r["candidates"] == per_iteration for r in rows[1:])
+    prompts = json.loads((straight / "recipe.json").read_text())["data"]["prompts_per_iteration"]
+    assert all(r["sequences"] == per_iteration * prompts for r in rows[1:])
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_recipe, tmp_path, finished_run, capsys):

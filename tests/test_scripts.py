@@ -29,13 +29,27 @@ def test_compare_strategies_quick(tiny_recipe, tmp_path, capsys):
     for name, runs in report["runs"].items():
         (run,) = runs  # --quick: one seed
         metrics = [json.loads(line) for line in (out / name / "seed-0" / "metrics.jsonl").read_text().splitlines()]
-        assert sum(r.get("candidates", 0) for r in metrics) <= report["budget"]
-        assert run["curve"][0]["evaluations"] == 0 and run["curve"][-1]["evaluations"] > 0
+        assert sum(r.get("sequences", 0) for r in metrics) <= report["budget"]
+        assert run["curve"][0]["sequences"] == 0 and run["curve"][-1]["sequences"] > 0
     assert report["runs"]["essam"][0]["iterations"] < report["runs"]["es"][0]["iterations"]  # same budget
     assert (out / "strategies.png").stat().st_size > 0
     assert json.loads(report_path.read_text())["summary"] == report["summary"]
     assert "essam-fast" in capsys.readouterr().out
     assert compare.main(argv)["summary"] == report["summary"]  # a rerun reuses the finished runs
+
+
+def test_compare_strategies_variants_share_the_sequence_budget(tiny_recipe, tmp_path):
+    compare = script("compare_strategies")
+    argv = ["--recipe", str(tiny_recipe()), "--quick", "--out", str(tmp_path), "--variant", "both: svd.factors=both",
+            "--variant", "b-pop8: svd.factors=b strategy.population=8"]
+    report = compare.main(argv)
+    assert list(report["summary"]) == ["both", "b-pop8"]
+    # --quick: population 4 x 2 prompts, so 2 iterations; population 8 sees the 16 sequences in 1.
+    assert [report["summary"][n]["iterations"] for n in ("both", "b-pop8")] == [2, 1]
+    recipe = json.loads((tmp_path / "b-pop8" / "seed-0" / "recipe.json").read_text())
+    assert recipe["svd"]["factors"] == "b" and recipe["strategy"]["population"] == 8
+    with pytest.raises(SystemExit, match="--variant"):
+        compare.main(["--recipe", str(tiny_recipe()), "--variant", "no overrides"])
 
 
 def test_bench_population_quick_reports_every_precision(tiny_model_dir, tmp_path, capsys):
