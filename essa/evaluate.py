@@ -40,8 +40,9 @@ def metrics_for(recipe: Recipe, rows: list[dict], completions: list[str], scorer
     elif recipe.reward.name == "math":
         metrics["accuracy"] = metrics["reward_mean"]
     elif recipe.reward.name == "ifeval":
-        metrics |= ifeval_metrics(ifeval_verdicts(scorer, [{"prompt": p, **r, "response": c}
-                                                           for p, c, r in zip(prompts, completions, rows)]))
+        verdicts = ifeval_verdicts(scorer, [{"prompt": p, **r, "response": c}
+                                            for p, c, r in zip(prompts, completions, rows)])
+        metrics |= ifeval_metrics([r | v for r, v in zip(rows, verdicts)])
     return metrics
 
 

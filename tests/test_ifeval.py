@@ -96,3 +96,16 @@ def test_verdicts_are_reproducible_where_lm_eval_draws_random_arguments(referenc
     runs = {tuple(ifeval.verdicts(row["prompt"], response, row["instruction_id_list"], row["kwargs"], loose=True))
             for _ in range(10)}
     assert len(runs) == 1
+
+
+def test_ifeval_metrics_break_strict_accuracy_down_by_instruction_type():
+    from essa.score import ifeval_metrics
+
+    rows = [{"instruction_id_list": ["a:x", "b:y"], "follow_instruction_list_strict": [True, False],
+             "follow_instruction_list_loose": [True, True]},
+            {"instruction_id_list": ["a:x"], "follow_instruction_list_strict": [False],
+             "follow_instruction_list_loose": [True]}]
+    metrics = ifeval_metrics(rows)
+    assert metrics["prompt_level_strict"] == 0.0 and metrics["prompt_level_loose"] == 1.0
+    assert metrics["instruction_level_strict"] == 1 / 3
+    assert metrics["strict a:x"] == 0.5 and metrics["strict b:y"] == 0.0

@@ -82,11 +82,13 @@ def test_int8_quickstart_iteration_and_merged_export(tmp_path):
     assert model.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name, needs, metrics", [
-    ("gsm8k-smollm2", "gsm8k/test.jsonl", {"accuracy_strict", "accuracy_flexible"}),
+@pytest.mark.parametrize("name, needs, metrics, test_set", [
+    ("gsm8k-smollm2", "gsm8k/test.jsonl", {"accuracy_strict", "accuracy_flexible"}, []),
+    # The IFEval recipe validates on generated prompts; the real IFEval prompts are the test set.
     ("ifeval-smollm2", "ifeval/input_data.jsonl", {"prompt_level_strict", "prompt_level_loose",
-                                                   "instruction_level_strict", "instruction_level_loose"})])
-def test_task_recipes_run_small_and_evaluate(tmp_path, name, needs, metrics):
+                                                   "instruction_level_strict", "instruction_level_loose"},
+     ["--set", "data.heldout_source=google/IFEval"])])
+def test_task_recipes_run_small_and_evaluate(tmp_path, name, needs, metrics, test_set):
     from essa.data import data_dirs
 
     if name.startswith("ifeval"):
@@ -104,8 +106,14 @@ def test_task_recipes_run_small_and_evaluate(tmp_path, name, needs, metrics):
     adapter, report_path = tmp_path / "adapter", tmp_path / "report.json"
     assert main(["export", str(run), "--adapter", str(adapter)]) == 0
     assert main(["eval", str(recipes.bundled(name)), "--adapter", str(adapter), "--limit", "3",
-                 "--set", "generation.max_new_tokens=16", "--report", str(report_path)]) == 0
-    results = json.loads(report_path.read_text())["results"]
+                 "--set", "generation.max_new_tokens=16", *test_set, "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    results = report["results"]
+    if test_set:
+        from essa.data import read_hub
+
+        ifeval_prompts = {r["prompt"] for r in read_hub("google/IFEval", "", "train")}
+        assert all(c["prompt"] in ifeval_prompts for c in report["completions"])
     for side in ("base", "adapter"):
         assert metrics <= results[side].keys()
         assert all(0 <= results[side][m] <= 1 for m in metrics)

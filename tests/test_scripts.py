@@ -100,8 +100,8 @@ def test_bench_memory_quick_measures_three_processes(tiny_recipe, tmp_path):
 
 def test_compare_grpo_quick_runs_both_methods_on_the_same_budget(tiny_recipe, tmp_path):
     compare = script("compare_grpo")
-    argv = ["--recipe", str(tiny_recipe()), "--quick", "--out", str(tmp_path / "out"), "--json",
-            str(tmp_path / "grpo.json")]
+    argv = ["--recipe", str(tiny_recipe()), "--quick", "--seeds", "0,1", "--test", "data.heldout_size=3",
+            "--out", str(tmp_path / "out"), "--json", str(tmp_path / "grpo.json")]
     report = compare.main(argv)
     essa_curve = report["essa"]["curve"]
     assert [p["step"] for p in essa_curve] == [0, 1, 2]  # --quick: 2 iterations, evaluated after each
@@ -112,19 +112,50 @@ def test_compare_grpo_quick_runs_both_methods_on_the_same_budget(tiny_recipe, tm
     assert summary["target"] == max(summary["final_heldout_reward"].values())
     assert summary["seconds_to_grpo_final"]["grpo"] <= grpo["train_seconds"]  # its curve reaches its own final
     assert (tmp_path / "out" / "essa_vs_grpo.png").stat().st_size > 0
+    # The second seed reruns both final configurations, and each final adapter is scored on the test set.
+    assert set(report["seeds"]) == {0, 1}
+    assert (tmp_path / "out" / "essa-seed1" / "summary.json").exists()
+    for seed in report["seeds"].values():
+        for method in ("essa", "grpo"):
+            assert {"base", "adapter"} == set(seed["test"][method])
+            assert 0 <= seed["test"][method]["adapter"]["reward_mean"] <= 1
+    # Both methods start from the base model, and the test set is the same for both.
+    tests = report["seeds"][0]["test"]
+    assert tests["essa"]["base"] == tests["grpo"]["base"]
+    assert report["across_seeds"]["essa_test"]["reward_mean"]["min"] <= report["across_seeds"][
+        "essa_test"]["reward_mean"]["max"]
     assert compare.main(argv)["summary"] == summary  # a rerun reuses the finished runs
 
 
 def test_compare_grpo_summary_times_essa_to_grpos_final():
-    def run(points: list[tuple[float, float]]) -> dict:
+    def run(points: list[tuple[float, float]], lr: float = 0.0) -> dict:
         return {"curve": [{"step": i, "seconds": t, "heldout_reward": r} for i, (t, r) in enumerate(points)],
-                "peak_rss_mb": 100.0, "train_seconds": points[-1][0]}
+                "peak_rss_mb": 100.0, "train_seconds": points[-1][0], "learning_rate": lr, "prompts_per_step": 1}
 
     essa = run([(0, 0.3), (100, 0.4), (200, 0.6)])
-    grpo = {"1e-3": run([(0, 0.3), (150, 0.35), (300, 0.32)]), "1e-2": run([(0, 0.3), (150, 0.45), (300, 0.5)])}
+    grpo = {"a": run([(0, 0.3), (150, 0.35), (300, 0.32)], 1e-3), "b": run([(0, 0.3), (150, 0.45), (300, 0.5)], 1e-2)}
     summary = script("compare_grpo").summarize(essa, grpo)
-    assert summary["grpo_best_learning_rate"] == 0.01
+    assert summary["grpo_best"] == "b" and summary["grpo_best_learning_rate"] == 0.01
     assert summary["final_heldout_reward"] == {"essa": 0.6, "grpo": 0.5}
     assert summary["seconds_to_target"] == {"essa": 200, "grpo": None}  # GRPO never reaches essa's 0.6
     assert summary["seconds_to_grpo_final"] == {"essa": 200, "grpo": 300}
     assert summary["essa_over_grpo_seconds_to_grpo_final"] == pytest.approx(2 / 3)
+
+
+def test_ablations_quick_compare_quantizations_and_populations_at_equal_sequences(tiny_recipe, tmp_path, capsys):
+    ablations = script("ablations")
+    reports = ablations.main(["--recipe", str(tiny_recipe()), "--quick", "--out", str(tmp_path),
+                              "--json", str(tmp_path / "ablations.json")])
+    assert list(reports["quantization"]["summary"]) == ["none", "int8", "nf4"]
+    for setting in ("int8", "nf4"):
+        recipe = json.loads((tmp_path / "quantization" / setting / "seed-0" / "recipe.json").read_text())
+        assert recipe["model"]["quantization"] == setting
+    population = reports["population"]["summary"]
+    assert list(population) == ["4", "8", "16", "32"]
+    # --quick: 16 sequences of 2 prompts each, so population 4 gets 2 iterations and 8 or more get one.
+    assert [population[p]["iterations"] for p in population] == [2, 1, 1, 1]
+    for name in ("quantization", "population"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "| nf4 | 2 |" in printed and "| 32 | 1 |" in printed  # the tables, with each setting's iterations
+    assert json.loads((tmp_path / "ablations.json").read_text())["population"]["summary"] == population
