@@ -37,7 +37,6 @@ from essa.adapter_files import read_peft_adapter
 from essa.errors import EssaError
 from essa.files import atomic_path
 
-
 FACTORS = ("both", "b")
 
 

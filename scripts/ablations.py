@@ -22,9 +22,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 import compare_strategies  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
 
 ABLATIONS = {
     "quantization": {q: [f"model.quantization={q}"] for q in ("none", "int8", "nf4")},
@@ -77,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
         argv = ["--recipe", str(args.recipe), "--seeds", args.seeds, "--budget", str(args.budget),
                 "--out", str(args.out / name), *(["--quick"] if args.quick else []),
                 *[a for o in args.overrides for a in ("--set", o)],
-                *[a for setting, sets in ABLATIONS[name].items() for a in ("--variant", f"{setting}: {' '.join(sets)}")]]
+                *[a for setting, sets in ABLATIONS[name].items()
+                  for a in ("--variant", f"{setting}: {' '.join(sets)}")]]
         reports[name] = compare_strategies.main(argv)
         plot(name, reports[name], args.out / f"{name}.png")
         print(f"\n{table(name, reports[name])}\nplot: {args.out / f'{name}.png'}")

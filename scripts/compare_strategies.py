@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{gain[1]:.4f} {best_gain:+9.4f} {seconds[0]:8.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "strategies.png", f"{args.recipe.name}: {len(seeds)} seeds, {budget} sequences")
-    report = {"recipe": str(args.recipe), "overrides": overrides, "variants": variants, "budget": budget, "seeds": seeds,
+    report = {"recipe": str(args.recipe), "overrides": overrides, "variants": variants, "budget": budget,
+              "seeds": seeds,
               "summary": summary, "runs": results, "seconds_total": time.perf_counter() - started}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
