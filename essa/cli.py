@@ -66,13 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--memory-gb", type=float, default=4.0, metavar="GB",
                        help="address-space limit of the reward process in GiB (default: 4)")
 
-    evaluate = sub.add_parser("eval", help="compare the base model and an adapter on held-out prompts",
+    evaluate = sub.add_parser("eval", help="compare the base model and adapters on held-out prompts",
                               description="Generate on the recipe's held-out prompts with the base model and, "
-                                          "with --adapter, the adapter (batched together); print a "
+                                          "with --adapter (repeatable), each adapter; print a "
                                           "side-by-side table (for IFEval: prompt/instruction level, strict/loose) "
                                           "and write a JSON report with the metrics and completions.")
     evaluate.add_argument("recipe", type=Path, metavar="RECIPE", help="TOML recipe (model, data, reward)")
-    evaluate.add_argument("--adapter", type=Path, metavar="DIR", help="a PEFT LoRA adapter, e.g. from essa export")
+    evaluate.add_argument("--adapter", dest="adapters", type=Path, metavar="DIR", action="append", default=[],
+                          help="a PEFT LoRA adapter, e.g. from essa export; repeat it to compare several "
+                               "(the base model is generated once)")
     evaluate.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N held-out prompts")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a recipe key, as for `essa align`")
@@ -228,7 +230,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     check_output_file(args.report, "--report")
     console = Console(soft_wrap=True)
-    report = evaluate(recipes.load(args.recipe, args.overrides), args.adapter, args.limit, console)
+    report = evaluate(recipes.load(args.recipe, args.overrides), args.adapters, args.limit, console)
     write_report(report, args.report)
     results = report["results"]
     table = Table(title=f"essa eval: {report['prompts']} held-out prompts of {args.recipe}")

@@ -1,8 +1,10 @@
-"""`essa eval`: the base model and an adapter on a recipe's held-out prompts, side by side.
+"""`essa eval`: the base model and adapters on a recipe's held-out prompts, side by side.
 
-Both are evaluated in one batched generation: with the adapter's factors as the search space
-(trainable fraction 1), the adapter is the zero offset and the base model is the offset that
-sets every singular value to 0 (a zero delta, exactly).
+The base model and the first adapter are evaluated in one batched generation: with the adapter's
+factors as the search space (trainable fraction 1), the adapter is the zero offset and the base
+model is the offset that sets every singular value to 0 (a zero delta, exactly). Each further
+adapter (e.g. other seeds) is one more generation on the same loaded model, so the base model is
+generated once however many adapters are compared.
 """
 
 from __future__ import annotations
@@ -46,41 +48,50 @@ def metrics_for(recipe: Recipe, rows: list[dict], completions: list[str], scorer
     return metrics
 
 
-def evaluate(recipe: Recipe, adapter: Path | None, limit: int | None, console: Console) -> dict:
+def evaluate(recipe: Recipe, adapters: list[Path], limit: int | None, console: Console) -> dict:
     with phase(console, "checking the model config, data and reward"):
-        check_model(recipe, adapter, "--adapter")
+        for adapter in adapters or [None]:
+            check_model(recipe, adapter, "--adapter")
         _, heldout = load_data(recipe)
         reward = recipe.reward
         scorer = Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb,
                                     sorted(heldout.columns()))
     try:
-        return _evaluate(recipe, adapter, heldout.rows[:limit] if limit else heldout.rows, scorer, console)
+        return _evaluate(recipe, adapters, heldout.rows[:limit] if limit else heldout.rows, scorer, console)
     finally:
         scorer.close()
 
 
-def _evaluate(recipe: Recipe, adapter: Path | None, rows: list[dict], scorer: Scorer, console: Console) -> dict:
-    with phase(console, "loading the model" + (f" and the adapter {adapter}" if adapter else "")):
+def adapter_names(adapters: list[Path]) -> list[str]:
+    """Report keys: "adapter" for a single one (as before), else each adapter's path as given."""
+    return ["adapter"] if len(adapters) == 1 else [str(a) for a in adapters]
+
+
+def _evaluate(recipe: Recipe, adapters: list[Path], rows: list[dict], scorer: Scorer, console: Console) -> dict:
+    with phase(console, "loading the model"):
         model, tokenizer = load_model(recipe.model)
-        lora = recipe.lora
-        space = SVDSpace(build_space(model, lora.rank, lora.alpha, lora.target_modules, str(adapter or ""),
-                                     1.0).modules, 1.0)
     prompts = render(tokenizer, [r[recipe.data.prompt_field] for r in rows], recipe.data)
-    initial = torch.cat([torch.cat([m.a.s, m.b.s]) for m in space.modules])
-    candidates = torch.stack([-initial] + ([torch.zeros_like(initial)] if adapter else []))
-    engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows)
-    what = f"generating for {len(rows)} prompts" + (" with the base model and the adapter" if adapter else "")
-    with phase(console, what), ChunkSteps(console, "eval chunks", bar=False) as on_chunk:
-        gen = generate(engine, candidates, prompts, on_chunk)
-    engine.close()
-    names = ["base"] + (["adapter"] if adapter else [])
+    completions: list[list[str]] = []
+    for n, adapter in enumerate(adapters or [None]):
+        with phase(console, f"reading the adapter {adapter}" if adapter else "building the base model's space"):
+            lora = recipe.lora
+            space = SVDSpace(build_space(model, lora.rank, lora.alpha, lora.target_modules, str(adapter or ""),
+                                         1.0).modules, 1.0)
+        initial = torch.cat([torch.cat([m.a.s, m.b.s]) for m in space.modules])
+        candidates = torch.stack(([-initial] if n == 0 else []) + ([torch.zeros_like(initial)] if adapter else []))
+        engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows)
+        what = (f"generating for {len(rows)} prompts with " + ("the base model" if n == 0 else "")
+                + (" and " if n == 0 and adapter else "") + (f"the adapter {adapter}" if adapter else ""))
+        with phase(console, what), ChunkSteps(console, "eval chunks", bar=False) as on_chunk:
+            completions += generate(engine, candidates, prompts, on_chunk).completions
+        engine.close()
+    names = ["base"] + adapter_names(adapters) if adapters else ["base"]
     with phase(console, f"scoring {len(names) * len(rows)} completions"):
-        results = {n: metrics_for(recipe, rows, c, scorer) for n, c in zip(names, gen.completions)}
-    report = {"recipe": recipe.source, "adapter": str(adapter) if adapter else None, "prompts": len(rows),
-              "results": results,
-              "completions": [{"prompt": r[recipe.data.prompt_field], **dict(zip(names, outs))}
-                              for r, outs in zip(rows, zip(*gen.completions))]}
-    return report
+        results = {n: metrics_for(recipe, rows, c, scorer) for n, c in zip(names, completions)}
+    return {"recipe": recipe.source, "adapter": str(adapters[0]) if len(adapters) == 1 else None,
+            "adapters": [str(a) for a in adapters], "prompts": len(rows), "results": results,
+            "completions": [{"prompt": r[recipe.data.prompt_field], **dict(zip(names, outs))}
+                            for r, outs in zip(rows, zip(*completions))]}
 
 
 def write_report(report: dict, path: Path) -> None:

@@ -210,3 +210,14 @@ def test_eval_compares_base_and_adapter_side_by_side(finished_run, tiny_model_di
     prompts = render(tokenizer, heldout.prompts()[:3], r.data)
     assert [row["base"] for row in rows] == greedy(base, tokenizer, prompts, 6)  # base = zero delta, exactly
     assert main(["eval", str(recipe), "--adapter", str(tmp_path / "none")]) == 2
+
+    # Several adapters: the base model once, each adapter under its path, the same outputs as alone.
+    best = tmp_path / "best"
+    assert main(["export", str(finished_run), "--adapter", str(best), "--center", "best"]) == 0
+    both_path = tmp_path / "both.json"
+    assert main(["eval", str(recipe), "--adapter", str(adapter), "--adapter", str(best), "--limit", "3",
+                 "--report", str(both_path)]) == 0
+    both = json.loads(both_path.read_text())
+    assert list(both["results"]) == ["base", str(adapter), str(best)]
+    assert [r["base"] for r in both["completions"]] == [r["base"] for r in rows]
+    assert [r[str(adapter)] for r in both["completions"]] == [r["adapter"] for r in rows]
