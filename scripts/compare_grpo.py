@@ -9,8 +9,9 @@
 3. essa and the chosen GRPO configuration run again with the other seeds, each GRPO run on its
    own seed's essa budget.
 4. With --test, every final adapter (essa's exported best-on-validation center, GRPO's last
-   weights) is scored by `essa eval` on a test set given as recipe overrides, e.g. the 541 IFEval
-   prompts: --test "data.heldout_source=google/IFEval data.heldout_size=541".
+   weights; all seeds) is scored by one `essa eval` (the base model generated once) on a test set
+   given as recipe overrides, e.g. the 541 IFEval prompts:
+   --test "data.heldout_source=google/IFEval data.heldout_size=541" (report: --out/test.json).
 
 Reported: held-out reward against training seconds (plot), finals per seed with mean ± spread,
 seconds each method needs to reach the better final and GRPO's final, peak RSS, test metrics.
@@ -99,12 +100,14 @@ def grpo_worker(recipe_path: Path, overrides: list[str], lr: float, prompts_per_
     (out / "result.json").write_text(json.dumps(result, indent=1))
 
 
-def test_metrics(recipe: Path, overrides: list[str], test: list[str], run: Path, adapter: Path) -> dict:
-    """`essa eval` of one adapter (and the base model) on the test set; its report is kept in the run."""
-    report = run / "test.json"
+def test_metrics(recipe: Path, overrides: list[str], test: list[str], adapters: list[Path], report: Path) -> dict:
+    """One `essa eval` of every final adapter (the base model generated once) on the test set:
+    metrics per adapter path and for "base"; the report (with completions) is kept."""
     if not report.exists():
-        essa_cli("eval", str(recipe), "--adapter", str(adapter), *sets(overrides + test), "--report", str(report))
-    return {side: metrics for side, metrics in json.loads(report.read_text())["results"].items()}
+        essa_cli("eval", str(recipe), *[a for adapter in adapters for a in ("--adapter", str(adapter))],
+                 *sets(overrides + test), "--report", str(report))
+    results = json.loads(report.read_text())["results"]
+    return {"base": results["base"]} | {str(a): results[str(a) if len(adapters) > 1 else "adapter"] for a in adapters}
 
 
 def essa_adapter(run: Path) -> Path:
@@ -221,18 +224,20 @@ def main(argv: list[str] | None = None) -> dict:
         grpo = {config_name(c): run_grpo(recipe, seeded, c, essa["train_seconds"], args.evals, args.grpo_vllm,
                                          out / f"grpo-lr{c['learning_rate']:g}-p{c['prompts_per_step']}-seed{seed}")
                 for c in grpo_configs}
-        summary = summarize(essa, grpo)
-        if test:
-            best = grpo[summary["grpo_best"]]
-            best_dir = out / f"grpo-lr{best['learning_rate']:g}-p{best['prompts_per_step']}-seed{seed}"
-            essa_dir = out / f"essa-seed{seed}"
-            summary["test"] = {"essa": test_metrics(recipe, seeded, test, essa_dir, essa_adapter(essa_dir)),
-                               "grpo": test_metrics(recipe, seeded, test, best_dir, best_dir / "adapter")}
-        return essa, grpo, summary
+        return essa, grpo, summarize(essa, grpo)
 
     essa, sweep, first = seed_run(seeds[0], configs)
     chosen = next(c for c in configs if config_name(c) == first["grpo_best"])
     per_seed = {seeds[0]: first} | {seed: seed_run(seed, [chosen])[2] for seed in seeds[1:]}
+    if test:
+        finals = {seed: {"essa": essa_adapter(out / f"essa-seed{seed}"),
+                         "grpo": out / f"grpo-lr{chosen['learning_rate']:g}-p{chosen['prompts_per_step']}-seed{seed}"
+                                 / "adapter"} for seed in seeds}
+        metrics = test_metrics(recipe, overrides, test, [a for f in finals.values() for a in f.values()],
+                               out / "test.json")
+        for seed, adapters in finals.items():
+            per_seed[seed]["test"] = {m: {"base": metrics["base"], "adapter": metrics[str(a)]}
+                                      for m, a in adapters.items()}
     plot(essa, sweep, out / "essa_vs_grpo.png")
     print_report(args.recipe, overrides, essa, sweep, per_seed)
     report = {"recipe": str(args.recipe), "overrides": overrides, "test": test, "essa": essa, "grpo": sweep,
