@@ -159,3 +159,25 @@ def test_ablations_quick_compare_quantizations_and_populations_at_equal_sequence
     printed = capsys.readouterr().out
     assert "| nf4 | 2 |" in printed and "| 32 | 1 |" in printed  # the tables, with each setting's iterations
     assert json.loads((tmp_path / "ablations.json").read_text())["population"]["summary"] == population
+
+
+def test_eval_table_merges_reports_and_refuses_a_different_base(tmp_path):
+    def report(path, adapters, base=0.25):
+        results = {"base": {"prompt_level_strict": base, "reward_failures": 0, "strict a:x": 0.5}}
+        results |= {name: {"prompt_level_strict": v, "reward_failures": 0, "strict a:x": v} for name, v in adapters}
+        single = len(adapters) == 1
+        path.write_text(json.dumps({"adapter": adapters[0][0] if single else None,
+                                    "results": {("adapter" if single and k != "base" else k): v
+                                                for k, v in results.items()}}))
+        return path
+
+    table = script("eval_table")
+    first = report(tmp_path / "a.json", [("s0", 0.30)])
+    second = report(tmp_path / "b.json", [("s1", 0.40), ("s2", 0.20)])
+    main, per_type = table.main([str(first), str(second)])
+    row = "| prompt_level_strict | 0.2500 | 0.3000 | 0.4000 | 0.2000 | 0.3000 ± 0.0816 | 0.2000 – 0.4000 | +0.0500 |"
+    assert row in main
+    assert "reward_failures" not in main
+    assert "| a:x | 0.500 | 0.300 | -0.200 |" in per_type
+    with pytest.raises(SystemExit, match="differ"):
+        table.main([str(first), str(report(tmp_path / "c.json", [("s3", 0.1)], base=0.3))])
