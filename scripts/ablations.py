@@ -10,7 +10,8 @@ Each ablation is one scripts/compare_strategies.py comparison (same seeds, resum
 plot (final held-out reward per setting).
 
     python scripts/ablations.py [--recipe recipes/quickstart.toml] [--only quantization,population]
-        [--seeds 0,1,2] [--budget 1024] [--set KEY=VALUE ...] [--out runs/ablations] [--json FILE] [--quick]
+        [--settings none,int8,nf4,4,8,16,32] [--seeds 0,1,2] [--budget 1024] [--set KEY=VALUE ...]
+        [--out runs/ablations] [--json FILE] [--quick]
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=compare_strategies.recipes.bundled("quickstart"))
     parser.add_argument("--only", default=",".join(ABLATIONS), help="which ablations to run")
+    parser.add_argument("--settings", default="", help="run only these settings (default: all), e.g. none,nf4,8,16")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--budget", type=int, default=1024, help="generated training sequences per run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -71,12 +73,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quick", action="store_true", help="compare_strategies' --quick (one seed, tiny runs)")
     args = parser.parse_args(argv)
+    keep = set(args.settings.split(",")) if args.settings else None
     reports = {}
     for name in args.only.split(","):
+        settings = {k: v for k, v in ABLATIONS[name].items() if keep is None or k in keep}
         argv = ["--recipe", str(args.recipe), "--seeds", args.seeds, "--budget", str(args.budget),
                 "--out", str(args.out / name), *(["--quick"] if args.quick else []),
                 *[a for o in args.overrides for a in ("--set", o)],
-                *[a for setting, sets in ABLATIONS[name].items()
+                *[a for setting, sets in settings.items()
                   for a in ("--variant", f"{setting}: {' '.join(sets)}")]]
         reports[name] = compare_strategies.main(argv)
         plot(name, reports[name], args.out / f"{name}.png")

@@ -159,6 +159,10 @@ def test_ablations_quick_compare_quantizations_and_populations_at_equal_sequence
     printed = capsys.readouterr().out
     assert "| nf4 | 2 |" in printed and "| 32 | 1 |" in printed  # the tables, with each setting's iterations
     assert json.loads((tmp_path / "ablations.json").read_text())["population"]["summary"] == population
+    # --settings picks some of each ablation's settings; finished runs are reused.
+    some = ablations.main(["--recipe", str(tiny_recipe()), "--quick", "--out", str(tmp_path), "--settings", "nf4,8"])
+    assert [list(r["summary"]) for r in some.values()] == [["nf4"], ["8"]]
+    assert some["population"]["summary"]["8"] == population["8"]
 
 
 def test_eval_table_merges_reports_and_refuses_a_different_base(tmp_path):
