@@ -49,7 +49,9 @@ def plot(name: str, report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(range(len(settings)), means, fmt="o-", capsize=4,
                 yerr=[[m - min(f) for m, f in zip(means, finals)], [max(f) - m for m, f in zip(means, finals)]])
-    ax.axhline(report["summary"][settings[0]]["initial_mean"], color="grey", ls=":", label="initial adapter")
+    # Each setting has its own initial adapter (e.g. float32 and NF4 base models score differently).
+    ax.plot(range(len(settings)), [report["summary"][s]["initial_mean"] for s in settings], "x", color="grey",
+            label="initial adapter")
     ax.set_xticks(range(len(settings)), settings)
     ax.set_xlabel(name)
     ax.set_ylabel("final held-out reward (mean, min-max over seeds)")
