@@ -85,7 +85,7 @@ def _evaluate(recipe: Recipe, adapters: list[Path], rows: list[dict], scorer: Sc
         with phase(console, what), ChunkSteps(console, "eval chunks", bar=False) as on_chunk:
             completions += generate(engine, candidates, prompts, on_chunk).completions
         engine.close()
-    names = ["base"] + adapter_names(adapters) if adapters else ["base"]
+    names = ["base"] + adapter_names(adapters)
     with phase(console, f"scoring {len(names) * len(rows)} completions"):
         results = {n: metrics_for(recipe, rows, c, scorer) for n, c in zip(names, completions)}
     return {"recipe": recipe.source, "adapter": str(adapters[0]) if len(adapters) == 1 else None,
