@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -51,7 +52,7 @@ class ModelSection:
     name_or_path: str = "smollm2-135m-instruct"
     quantization: Literal["none", "int8", "nf4", "fp4"] = "none"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = _checked("auto", lambda v: v in ("auto", "cpu") or v.startswith("cuda"),
+    device: str = _checked("auto", lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None,
                            "'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from essa.models import load_tokenizer, resolve_source  # noqa: E402
+from tests.clean_tree import pytest_sessionfinish, pytest_sessionstart  # noqa: E402, F401
 
 PROMPTS = ["Write a haiku about rain.", "Name three colors.", "What is 2 + 2?"]
 
@@ -104,3 +105,4 @@ def in_netns(args: list[str]) -> list[str]:
     """The command inside a network namespace of its own, with only loopback up."""
     quoted = " ".join("'" + a.replace("'", "'\\''") + "'" for a in args)
     return ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {quoted}"]
+

@@ -64,6 +64,10 @@ def run_copy(run_dir, tmp_path) -> Path:
     (['reward.kwargs={modee = "strict"}', 'reward.name="gsm8k"'], "'modee' is not an option of gsm8k"),
     (['data.source="missing.jsonl"'], "data.source: file 'missing.jsonl' not found"),
     (['data.columns={answer = 3}'], "data.columns: expected a table of reward argument"),
+    (['model.device="cudaXYZ"'], "model.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'cudaXYZ'"),
+    (['model.device="cuda:"'], "model.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (['model.device="cuda:0 "'], "model.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (['model.device="CPU"'], "model.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ])
 def test_recipe_check_rejects_what_align_could_not_run(tiny_recipe, capsys, overrides, match):
     recipe = tiny_recipe()

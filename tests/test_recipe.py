@@ -53,6 +53,13 @@ def test_bad_recipes_name_file_and_key(tmp_path, text, key, allowed):
     assert allowed in str(err.value)
 
 
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_strings_torch_accepts(tmp_path, device):
+    path = tmp_path / "r.toml"
+    path.write_text(f'[model]\ndevice = "{device}"\n')
+    assert recipe.load(path).model.device == device
+
+
 def test_bad_override_is_reported():
     with pytest.raises(RecipeError, match="--set expects section.key=value"):
         recipe.apply_overrides({}, ["iterations=2"], "r.toml")

@@ -22,12 +22,14 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def align(recipe: Path, out: Path, *sets: str, resume: bool = False, env: dict | None = None) -> str:
-    """`essa align` with its output sent to a file, as under nohup or Slurm; the output."""
+    """`essa align` with its output sent to a file, as under nohup or Slurm; the output. It runs in
+    the run's parent directory: trackers write relative paths (MLflow's default artifact root is
+    ./mlruns), which must land in the test's temporary directory, not in the working tree."""
     log = out.parent / f"{out.name}.log"
     with log.open("w") as f:
         args = [sys.executable, "-m", "essa", "align", str(recipe), "--out", str(out)]
         args += [a for s in sets for a in ("--set", s)] + (["--resume"] if resume else [])
-        code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ | (env or {}),
+        code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=out.parent, env=os.environ | (env or {}),
                               timeout=600).returncode
     text = log.read_text()
     assert code == 0, text
