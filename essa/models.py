@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,15 +57,41 @@ def bundled_gguf(alias: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / filename
 
 
+def _content_key(path: Path) -> str:
+    """Size and BLAKE2 digest of the file: a reinstall (new mtime, same bytes) reuses its conversion."""
+    digest = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as fh:
+        while block := fh.read(2**22):
+            digest.update(block)
+    return f"{path.stat().st_size}-{digest.hexdigest()}"
+
+
 def _gguf_to_hf_dir(gguf: Path) -> Path:
-    """Dequantize a .gguf file once into a cached transformers directory (bitsandbytes needs one)."""
-    stat = gguf.stat()
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if (target / "config.json").is_file():
-        return target
+    """Dequantize a .gguf file once into a cached transformers directory (bitsandbytes needs one).
+
+    Processes started at once (seeds run side by side) take a lock per file: one converts, the
+    others wait and use its directory. The conversion is written beside the target and renamed into
+    place, so a reader never sees half of one, even without the lock (a network file system)."""
     with open(gguf, "rb") as fh:
         if fh.read(4) != b"GGUF":
             raise EssaError(f"model.name_or_path: {str(gguf)!r} is not a GGUF file (no GGUF header)")
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{_content_key(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process converting {gguf.name} into {target}", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():  # the process that held the lock may have made it
+            print(f"converting {gguf.name} once into {target}", file=sys.stderr, flush=True)
+            _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -71,15 +100,15 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     # The dequantized model is a plain float model; drop the GGUF marker so it can be saved.
     model.hf_quantizer = None
     del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)  # a directory without config.json is no conversion
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _first_line(err: BaseException) -> str:

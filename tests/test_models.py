@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,28 @@ def test_unreachable_hub_model_is_one_line_and_exit_2(tiny_recipe):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: model.name_or_path: cannot load 'essa-test/does-not-exist'")
+
+
+CONVERT = "import sys; from essa.models import resolve_source; print(resolve_source(sys.argv[1]))"
+
+
+def test_processes_racing_on_an_empty_cache_share_one_conversion(tmp_path):
+    """Seeds started side by side on a fresh install: one converts, the other waits and uses its directory."""
+    gguf = Path(shutil.copy(bundled_gguf("smollm2-135m-instruct"), tmp_path / "model.gguf"))
+    env = os.environ | {"ESSA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT, str(gguf)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    dirs = {out.strip() for out, _ in outs}
+    assert len(dirs) == 1
+    target = Path(dirs.pop())
+    assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+    assert sum("converting model.gguf once" in err for _, err in outs) == 1
+    assert sum("waiting for another process converting" in err for _, err in outs) == 1
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".tmp-")] == []
+    # A reinstall rewrites the file with a new mtime and the same bytes: the conversion is reused.
+    os.utime(gguf, (1, 1))
+    again = subprocess.run([sys.executable, "-c", CONVERT, str(gguf)], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert again.returncode == 0 and Path(again.stdout.strip()) == target and "converting" not in again.stderr
