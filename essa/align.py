@@ -136,7 +136,6 @@ def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Conso
     with phase(console, "checking the model config, data and reward"):
         inputs = check_inputs(recipe)
     try:
-        trackers.check_installed(recipe.run.report_to)
         if not resume:
             (run_dir / SPACE_FILE).unlink(missing_ok=True)
         write_text(run_dir / RECIPE_FILE, json.dumps(raw, indent=1))

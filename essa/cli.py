@@ -146,6 +146,7 @@ def _export(args: argparse.Namespace) -> None:
 def _recipe_check(args: argparse.Namespace) -> None:
     import torch
 
+    from essa import extras
     from essa.data import is_hub
     from essa.models import is_hub_id
     from essa.plan import plan
@@ -153,6 +154,7 @@ def _recipe_check(args: argparse.Namespace) -> None:
     from essa.scoring import Scorer
 
     recipe = recipes.load(args.recipe, args.overrides)
+    extras.check(extras.input_needs(recipe) + extras.run_needs(recipe))
     notes = []
     try:
         check_model(recipe)
@@ -205,6 +207,7 @@ def _recipe_check(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
+    from essa import extras
     from essa.score import score_file
 
     try:
@@ -215,6 +218,7 @@ def _score(args: argparse.Namespace) -> None:
         raise EssaError("--reward-kwargs: expected a JSON object")
     if not 0 < args.timeout_s <= 86400 or not 0.5 <= args.memory_gb <= 4096:
         raise EssaError("--timeout-s: expected a number in (0, 86400]; --memory-gb: in [0.5, 4096]")
+    extras.check(extras.reward_needs(args.reward))
     metrics = score_file(args.reward, kwargs, args.input, args.output, args.timeout_s, args.memory_gb)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")

@@ -121,10 +121,7 @@ class RayEvaluator:
     """The population's chunks spread over Ray workers, re-run elsewhere when a worker is lost."""
 
     def __init__(self, recipe: Recipe, raw: dict, run_dir: Path, console: Console) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise EssaError("distributed: Ray is not installed; pip install -e \".[ray]\"") from None
+        import ray
         self.ray, self.console, self.recipe = ray, console, recipe
         cfg = recipe.distributed
         self.local, self.busy, self.chunk_sizes = cfg.address in ("", "local"), False, {}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from essa import extras
 from essa.data import render
 from essa.engines import HFEngine
 from essa.engines.rows import generate
@@ -50,6 +51,7 @@ def metrics_for(recipe: Recipe, rows: list[dict], completions: list[str], scorer
 
 def evaluate(recipe: Recipe, adapters: list[Path], limit: int | None, console: Console) -> dict:
     with phase(console, "checking the model config, data and reward"):
+        extras.check(extras.input_needs(recipe))
         for adapter in adapters or [None]:
             check_model(recipe, adapter, "--adapter")
         _, heldout = load_data(recipe)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from essa import checkpoint
+from essa import checkpoint, extras
 from essa.adapter_files import read_peft_adapter
 from essa.data import Dataset, load_splits
 from essa.errors import EssaError, RecipeError
@@ -89,7 +89,8 @@ def load_data(recipe: Recipe) -> tuple[Dataset, Dataset]:
 
 
 def check_inputs(recipe: Recipe) -> Inputs:
-    """Model config, data and reward, in that order, before any weights load."""
+    """Extras, model config, data and reward, in that order, before any weights load."""
+    extras.check(extras.input_needs(recipe) + extras.run_needs(recipe))
     check_model(recipe)
     train, heldout = load_data(recipe)
     reward = recipe.reward

@@ -10,16 +10,13 @@ the same directory and drops any steps after the checkpoint the run resumed from
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from essa.errors import EssaError
 from essa.files import write_text
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module (= extra)
 STATE_FILE = "trackers.json"
 SAMPLE_ROWS = 8  # completions per table: enough to read, small enough for every tracker's UI
 
@@ -27,15 +24,6 @@ SAMPLE_ROWS = 8  # completions per table: enough to read, small enough for every
 def names(report_to: str | list[str]) -> list[str]:
     """`run.report_to` as TRL users write it: one tracker's name or a list of them."""
     return [report_to] if isinstance(report_to, str) else list(report_to)
-
-
-def check_installed(report_to: str | list[str]) -> None:
-    """One line naming the extra for a tracker whose library is missing, before any model loads."""
-    for name in names(report_to):
-        try:
-            importlib.import_module(TRACKERS[name])
-        except ImportError:
-            raise EssaError(f"run.report_to: {name!r} is not installed; pip install -e \".[{name}]\"") from None
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:

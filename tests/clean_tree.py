@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-
 TREE_BEFORE = pytest.StashKey[str | None]()
 
 

