@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import pickle
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -47,6 +49,7 @@ from essa.svd import SVDSpace
 
 # The driver moves kilobytes per iteration; Ray's default object store is 30% of RAM.
 OBJECT_STORE_BYTES = 256 * 2**20
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def distributed(recipe: Recipe) -> bool:
@@ -117,19 +120,94 @@ def wire_size(value: Any) -> int:
     return len(pickle.dumps(value, protocol=5))
 
 
+def root_cause(err: BaseException) -> str:
+    """Why Ray could not join: a refused token (which Ray reports inside a chained traceback's
+    text), else the first line of the innermost exception."""
+    chain = [err]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    if any("InvalidAuthToken" in str(e) for e in chain):
+        return "InvalidAuthToken: the cluster refused essa's token, or essa has none"
+    text = str(chain[-1]).strip()
+    return f"{type(chain[-1]).__name__}: {text.splitlines()[0][:160]}" if text else type(chain[-1]).__name__
+
+
+def token_auth(ray: Any) -> bool:
+    """Whether this process's Ray connection authenticates with a token (Ray >= 2.52)."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    return get_authentication_mode() == AuthenticationMode.TOKEN
+
+
+def start_local() -> tuple[Any, dict[str, str | None]]:
+    """A private local Ray instance that refuses any client without its token; Ray and the
+    environment it replaced (to restore after `ray.shutdown()`).
+
+    Whatever the environment says (RAY_AUTH_MODE=disabled included), the instance gets a fresh
+    random token, in this process's environment only: Ray hands it to the processes it starts
+    (GCS, raylet, workers) and to nothing else. Ray reads the mode when it is imported or when its
+    config is reloaded, so an already imported Ray reloads it (as ray.init's own default does)."""
+    saved = {k: os.environ.get(k) for k in AUTH_ENV}
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    try:
+        import ray
+
+        try:
+            from ray._raylet import AuthenticationMode, Config  # noqa: F401 - absent before Ray 2.52
+        except ImportError:
+            raise EssaError(f"distributed: Ray {ray.__version__} cannot authenticate clients, so its local instance "
+                            "would run code for anyone who reaches its ports; pip install -U \"ray>=2.52\"") from None
+        Config.initialize("")
+        if ray.is_initialized():
+            raise EssaError("distributed: Ray is already initialized in this process; essa starts its own "
+                            "private instance (distributed.address = \"\")")
+        # address "local" starts a fresh instance even when RAY_ADDRESS names another cluster.
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING",
+                 object_store_memory=OBJECT_STORE_BYTES)
+        if not token_auth(ray):
+            ray.shutdown()
+            raise EssaError("distributed: Ray started without token authentication; essa does not run an "
+                            "unauthenticated instance")
+    except BaseException:
+        restore_env(saved)
+        raise
+    return ray, saved
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 class RayEvaluator:
     """The population's chunks spread over Ray workers, re-run elsewhere when a worker is lost."""
 
     def __init__(self, recipe: Recipe, raw: dict, run_dir: Path, console: Console) -> None:
-        import ray
-        self.ray, self.console, self.recipe = ray, console, recipe
         cfg = recipe.distributed
         self.local, self.busy, self.chunk_sizes = cfg.address in ("", "local"), False, {}
-        self.started = not ray.is_initialized()
-        if self.started:
-            # address "local" starts a fresh instance even when RAY_ADDRESS names another cluster.
-            ray.init(address="local" if self.local else cfg.address, include_dashboard=False,
-                     logging_level="WARNING", object_store_memory=OBJECT_STORE_BYTES if self.local else None)
+        self.console, self.recipe, self.saved_env = console, recipe, None
+        if self.local:
+            self.ray, self.saved_env = start_local()
+            self.started = True
+        else:
+            import ray
+
+            self.ray, self.started = ray, not ray.is_initialized()
+            if self.started:
+                try:
+                    ray.init(address=cfg.address, include_dashboard=False, logging_level="WARNING")
+                except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+                    reason = root_cause(err)
+                    raise EssaError(f"distributed.address: cannot join the Ray cluster at {cfg.address} ({reason}); "
+                                    "for a secured cluster, give essa its token (docs/distributed.md)") from None
+            if not token_auth(ray):
+                console.print(f"[yellow]warning:[/] the Ray cluster at {cfg.address} runs without token "
+                              "authentication: anyone who can reach its ports can run code on it "
+                              "(docs/distributed.md, \"A secured cluster\")", highlight=False)
         try:
             self.workers = self._start(raw, run_dir)
         except BaseException:
@@ -153,7 +231,7 @@ class RayEvaluator:
         args = (raw, self.recipe.source, path.read_bytes() if path.exists() else None,
                 reward_files(self.recipe.reward.name), max(1, math.floor(cfg.cpus_per_worker)), tensor_parallel)
         self.console.print(f"starting {cfg.workers} Ray workers ({cfg.cpus_per_worker:g} CPU, {gpus:g} GPU each) on "
-                           f"{'a local Ray instance' if self.local else cfg.address}")
+                           f"{'a local Ray instance (token authentication)' if self.local else cfg.address}")
         workers = [self._actor(actor, tensor_parallel)]
         self.workers = workers
         space = self._get(workers[0].setup.remote(*args))  # the first worker builds the space when it is new
@@ -266,6 +344,8 @@ class RayEvaluator:
             ray.kill(worker)
         if self.started:
             ray.shutdown()
+        if self.saved_env is not None:
+            restore_env(self.saved_env)
         # Killed workers could not tidy up; those of this node are gone now, so their scratch goes too.
         sweep("essa-worker")
         sweep("essa-adapters")

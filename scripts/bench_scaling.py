@@ -61,7 +61,7 @@ def isolated(args: list[str]) -> list[str]:
 
 def run(recipe: str, sets: list[str], out: Path, tmp: Path) -> list[dict]:
     args = [sys.executable, "-m", "essa", "align", recipe, "--out", str(out)] + [a for s in sets for a in ("--set", s)]
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(tmp)}
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp)}
     subprocess.run(isolated(args), env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
 

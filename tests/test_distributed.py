@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -50,8 +51,11 @@ needs_cluster = pytest.mark.skipif(not (ray_installed() and netns_available()),
                                    reason="needs the ray extra and `unshare -n` (root) to keep Ray on loopback")
 
 
-def ray_env(tmp: Path) -> dict[str, str]:
-    return os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(tmp),
+def ray_env(tmp: Path, **auth: str) -> dict[str, str]:
+    """Ray's environment for a test. By default it asks for no authentication, which essa's own local
+    instance must override (it always runs with a token of its own); `auth` sets RAY_AUTH_* instead."""
+    auth = {f"RAY_AUTH_{k.upper()}": v for k, v in auth.items()} or {"RAY_AUTH_MODE": "disabled"}
+    return os.environ | auth | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp),
                          "PYTHONUNBUFFERED": "1"}
 
 
@@ -127,7 +131,7 @@ def test_two_workers_equal_one_process(recipe, tmp_path, ray_tmp, strategy):
     reference = one_process(path, tmp_path / "one")
     code, log = finish(align(path, tmp_path / "two", ray_tmp, "distributed.workers=2"))
     assert code == 0, log
-    assert "starting 2 Ray workers" in log
+    assert "starting 2 Ray workers (1 CPU, 0 GPU each) on a local Ray instance (token authentication)" in log
     assert_same(tmp_path / "two", reference)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["bytes_sent"] < 200_000 and 0 < r["bytes_received"] < 50_000 for r in rows[1:])
@@ -156,11 +160,66 @@ def test_two_node_cluster_equals_one_process(recipe, tmp_path, ray_tmp):
     reference = one_process(path, tmp_path / "one")
     script = tmp_path / "cluster.py"
     script.write_text(CLUSTER)
+    # A secured cluster, as docs/distributed.md says to start one: every node and essa share one token.
+    env = ray_env(ray_tmp, mode="token", token=secrets.token_hex(32))
     proc = subprocess.Popen(in_netns([sys.executable, str(script), str(path), str(tmp_path / "two-nodes")]),
-                            env=ray_env(ray_tmp), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     code, log = finish(proc)
     assert code == 0, log
+    assert "without token authentication" not in log
     assert_same(tmp_path / "two-nodes", reference)
+
+
+AUTH = """
+import json, os, subprocess, sys
+from essa.distributed import restore_env, start_local
+
+ray, saved = start_local()
+gcs, token = ray.get_runtime_context().gcs_address, os.environ["RAY_AUTH_TOKEN"]
+CLIENT = "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); print('CONNECTED')"
+plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+
+def connect(**auth):
+    proc = subprocess.run([sys.executable, "-c", CLIENT, gcs], env=plain | auth, capture_output=True, text=True,
+                          timeout=240)
+    return {"code": proc.returncode, "connected": "CONNECTED" in proc.stdout,
+            "refused_for_token": "InvalidAuthToken" in proc.stderr}
+
+result = {"no_token": connect(RAY_AUTH_MODE="disabled"),
+          "wrong_token": connect(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
+          "its_token": connect(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)}
+# essa itself joining with the wrong token: one line, exit 2.
+essa = subprocess.run([sys.executable, "-m", "essa", "align", sys.argv[1], "--out", sys.argv[2], "--set",
+                       "distributed.workers=2", "--set", f'distributed.address="{gcs}"'],
+                      env=plain | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True,
+                      text=True, timeout=240)
+result["essa_wrong_token"] = {"code": essa.returncode, "stderr": essa.stderr.strip().splitlines()[-3:]}
+ray.shutdown()
+restore_env(saved)
+result["env_after"] = os.environ.get("RAY_AUTH_MODE")
+print(json.dumps(result))
+"""
+
+
+@needs_cluster
+def test_essas_local_instance_refuses_clients_without_its_token(recipe, tmp_path, ray_tmp):
+    """The instance essa starts for workers > 1 runs with a token even where the environment says
+    RAY_AUTH_MODE=disabled: a client without it, or with another, is refused; one with it connects."""
+    script = tmp_path / "auth.py"
+    script.write_text(AUTH)
+    proc = subprocess.run(in_netns([sys.executable, str(script), str(recipe()), str(tmp_path / "run")]),
+                          env=ray_env(ray_tmp), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for stranger in ("no_token", "wrong_token"):
+        assert result[stranger] == {"code": 1, "connected": False, "refused_for_token": True}, result
+    assert result["its_token"] == {"code": 0, "connected": True, "refused_for_token": False}, result
+    assert result["env_after"] == "disabled"  # the driver's environment is given back
+    essa = result["essa_wrong_token"]
+    assert essa["code"] == 2 and essa["stderr"][-1].startswith(
+        "error: distributed.address: cannot join the Ray cluster at 127.0.0.1:"), essa
+    assert "InvalidAuthToken" in essa["stderr"][-1] and "Traceback" not in "".join(essa["stderr"]), essa
 
 
 def worker_processes() -> list[psutil.Process]:
