@@ -49,9 +49,10 @@ class Steps:
     """Progress of counted work (iterations, chunks of prompts). `bar=False` is for work inside
     another live display (rich allows one at a time): silent on a terminal, lines elsewhere."""
 
-    def __init__(self, console: Console, what: str, total: int, done: int = 0, bar: bool = True) -> None:
+    def __init__(self, console: Console, what: str, total: int, done: int = 0, bar: bool = True,
+                 start: float | None = None) -> None:
         self.console, self.what, self.total, self.first = console, what, total, done
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if start is None else start
         self.bar: Progress | None = None
         self.silent = console.is_terminal and not bar
         if console.is_terminal and bar:
@@ -83,16 +84,19 @@ class Steps:
 
 
 class ChunkSteps:
-    """`on_chunk` for an evaluation: once it has more than one chunk, a Steps line (or bar) per chunk."""
+    """`on_chunk` for an evaluation: once it has more than one chunk, a Steps line (or bar) per chunk.
+    Its clock starts with the evaluation, not at the first finished chunk: that line's elapsed time
+    and ETA count the first chunk's own time."""
 
     def __init__(self, console: Console, what: str, bar: bool = True) -> None:
         self.console, self.what, self.bar, self.steps = console, what, bar, None
+        self.start = time.perf_counter()
 
     def __call__(self, done: int, total: int) -> None:
         if total < 2:
             return
         if self.steps is None:
-            self.steps = Steps(self.console, self.what, total, bar=self.bar).__enter__()
+            self.steps = Steps(self.console, self.what, total, bar=self.bar, start=self.start).__enter__()
         self.steps.update(done)
 
     def __enter__(self) -> "ChunkSteps":

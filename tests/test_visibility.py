@@ -213,3 +213,22 @@ def test_report_renders_in_headless_chromium(tiny_recipe, tmp_path):
 def test_report_of_a_non_run_directory_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is it an `essa align` output?" in capsys.readouterr().err
+
+
+def test_chunk_lines_count_time_from_the_start_of_the_evaluation(monkeypatch):
+    """The first chunk line of a long evaluation carries that chunk's time: `essa eval` once printed
+    `eval chunks 1/5  elapsed 0:00:00  ETA 0:00:00` after 7 minutes."""
+    import io
+
+    from rich.console import Console
+
+    from essa import progress
+
+    now = iter([100.0, 160.0, 220.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(now))
+    out = io.StringIO()
+    with progress.ChunkSteps(Console(file=out, width=200), "eval chunks", bar=False) as on_chunk:
+        on_chunk(1, 3)
+        on_chunk(2, 3)
+    assert out.getvalue().splitlines() == ["eval chunks 1/3  elapsed 0:01:00  ETA 0:02:00",
+                                           "eval chunks 2/3  elapsed 0:02:00  ETA 0:01:00"]
