@@ -13,13 +13,17 @@ iterations). Prints mean and spread across seeds, writes a JSON file and a PNG p
 `--variant` replaces the strategies with named sets of recipe overrides (repeatable), e.g.
 `--variant "both: svd.factors=both" --variant "b: svd.factors=b"`.
 
-Runs are kept under --out; a rerun skips finished runs and resumes killed ones.
+Runs are kept under --out; a rerun skips finished runs and resumes killed ones. With --record DIR
+each finished run is also written to DIR/VARIANT/seed-N.json (its overrides, CPU model, summary and
+metrics rows): commit those, and a rerun in a later session, on a fresh checkout, reuses them and
+runs only what is missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -51,7 +55,13 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name.strip(), overrides.split()
 
 
-def run_one(recipe: Path, overrides: list[str], out: Path) -> list[dict]:
+def run_one(recipe: Path, overrides: list[str], out: Path, record: Path | None = None) -> list[dict]:
+    """The metrics rows of one finished run: from its committed record when there is one for these
+    overrides, else from `essa align` in `out` (resumed where a killed run left it), then recorded."""
+    if record is not None and record.exists():
+        saved = json.loads(record.read_text())
+        if saved["overrides"] == overrides:
+            return saved["rows"]
     metrics = out / "metrics.jsonl"
     if not (out / "summary.json").exists():
         resume = ["--resume"] if (out / "checkpoints").exists() else []
@@ -60,7 +70,21 @@ def run_one(recipe: Path, overrides: list[str], out: Path) -> list[dict]:
             argv += ["--set", item]
         if essa(argv) != 0:
             raise SystemExit(f"essa align failed for {out}")
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    if record is not None:
+        # Committed as each run finishes, so a campaign continues in a later session (runs/ is not kept).
+        record.parent.mkdir(parents=True, exist_ok=True)
+        summary = json.loads((out / "summary.json").read_text())
+        record.write_text(json.dumps({"overrides": overrides, "cpu": cpu_model(), "summary": summary,
+                                      "rows": rows}, indent=1))
+    return rows
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 def curve(rows: list[dict]) -> list[dict]:
@@ -112,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/compare-strategies"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--record", type=Path, metavar="DIR",
+                        help="keep each finished run as DIR/VARIANT/seed-N.json (commit it); a rerun reuses them")
     parser.add_argument("--quick", action="store_true", help="one seed, a tiny budget and tiny prompts")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -130,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings = strategy + [f"run.iterations={iterations}", f"run.eval_every={max(1, iterations // args.evals)}"]
         results[name] = []
         for seed in seeds:
-            rows = run_one(args.recipe, settings + [f"run.seed={seed}"], args.out / name / f"seed-{seed}")
+            record = args.record / name / f"seed-{seed}.json" if args.record else None
+            rows = run_one(args.recipe, settings + [f"run.seed={seed}"], args.out / name / f"seed-{seed}", record)
             results[name].append({"seed": seed, "iterations": iterations, "curve": curve(rows)})
 
     # The held-out prompts depend on the run seed, so gains are taken per seed against its own start.

@@ -52,6 +52,27 @@ def test_compare_strategies_variants_share_the_sequence_budget(tiny_recipe, tmp_
         compare.main(["--recipe", str(tiny_recipe()), "--variant", "no overrides"])
 
 
+def test_compare_strategies_records_finished_runs_for_a_later_session(tiny_recipe, tmp_path):
+    """A campaign over sessions: records outlive the run directories (runs/ is not committed)."""
+    import shutil
+
+    compare = script("compare_strategies")
+    argv = ["--recipe", str(tiny_recipe()), "--quick", "--out", str(tmp_path / "runs"), "--record",
+            str(tmp_path / "record"), "--variant", "a: strategy.sigma=0.5", "--variant", "b: strategy.sigma=1.0"]
+    first = compare.main(argv)
+    record = json.loads((tmp_path / "record" / "b" / "seed-0.json").read_text())
+    assert "strategy.sigma=1.0" in record["overrides"] and record["rows"][-1]["iteration"] == 2
+    assert record["summary"]["final_heldout_reward"] == record["rows"][-1]["heldout_reward"]
+    shutil.rmtree(tmp_path / "runs")  # a fresh checkout: only the committed records are left
+    assert compare.main(argv)["summary"] == first["summary"]
+    assert not (tmp_path / "runs" / "a").exists()  # nothing was run again
+    # A record made with other overrides is not reused: the variant runs.
+    changed = [a.replace("sigma=1.0", "sigma=2.0") for a in argv]
+    compare.main(changed)
+    assert (tmp_path / "runs" / "b" / "seed-0" / "summary.json").exists()
+    assert "strategy.sigma=2.0" in json.loads((tmp_path / "record" / "b" / "seed-0.json").read_text())["overrides"]
+
+
 def test_bench_population_quick_reports_every_precision(tiny_model_dir, tmp_path, capsys):
     bench = script("bench_population")
     report = bench.main(["--model", str(tiny_model_dir), "--quick", "--precisions", ",".join(bench.PRECISIONS),
