@@ -132,7 +132,7 @@ def root_cause(err: BaseException) -> str:
     return f"{type(chain[-1]).__name__}: {text.splitlines()[0][:160]}" if text else type(chain[-1]).__name__
 
 
-def token_auth(ray: Any) -> bool:
+def token_auth() -> bool:
     """Whether this process's Ray connection authenticates with a token (Ray >= 2.52)."""
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
@@ -165,7 +165,7 @@ def start_local() -> tuple[Any, dict[str, str | None]]:
         # address "local" starts a fresh instance even when RAY_ADDRESS names another cluster.
         ray.init(address="local", include_dashboard=False, logging_level="WARNING",
                  object_store_memory=OBJECT_STORE_BYTES)
-        if not token_auth(ray):
+        if not token_auth():
             ray.shutdown()
             raise EssaError("distributed: Ray started without token authentication; essa does not run an "
                             "unauthenticated instance")
@@ -204,7 +204,7 @@ class RayEvaluator:
                     reason = root_cause(err)
                     raise EssaError(f"distributed.address: cannot join the Ray cluster at {cfg.address} ({reason}); "
                                     "for a secured cluster, give essa its token (docs/distributed.md)") from None
-            if not token_auth(ray):
+            if not token_auth():
                 console.print(f"[yellow]warning:[/] the Ray cluster at {cfg.address} runs without token "
                               "authentication: anyone who can reach its ports can run code on it "
                               "(docs/distributed.md, \"A secured cluster\")", highlight=False)
