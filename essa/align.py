@@ -17,7 +17,7 @@ from essa import checkpoint, completions, trackers
 from essa.data import Dataset, minibatch
 from essa.distributed import RayEvaluator, distributed
 from essa.engines.load import load_engine
-from essa.engines.rows import OnChunk, add_up
+from essa.engines.rows import add_up
 from essa.errors import EssaError
 from essa.evaluation import Evaluation, Evaluator, LocalEvaluator, Task
 from essa.files import write_text
@@ -49,9 +49,10 @@ class Parts:
     heldout: Task
     scorer: Scorer
 
-    def heldout_reward(self, center: np.ndarray, on_chunk: OnChunk | None = None) -> tuple[float, Evaluation]:
+    def heldout_reward(self, center: np.ndarray, progress: ChunkSteps | None = None) -> tuple[float, Evaluation]:
         """Mean reward of the center on the held-out prompts, with its evaluation."""
-        evaluation = self.evaluator.evaluate(center[None], self.heldout, keep_texts=True, on_chunk=on_chunk)
+        evaluation = self.evaluator.evaluate(center[None], self.heldout, keep_texts=True, on_chunk=progress,
+                                             on_rows=progress and progress.rows)
         return float(evaluation.scores.mean()), evaluation
 
 
@@ -152,8 +153,8 @@ def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Conso
 def heldout(parts: Parts, center: np.ndarray, iteration: int, run_dir: Path,
             console: Console) -> tuple[float, Evaluation, list[dict]]:
     """The center's held-out reward; its prompts, completions and rewards go to completions/."""
-    with ChunkSteps(console, "held-out chunks", bar=False) as on_chunk:  # inside align's own bar or spinner
-        reward, evaluation = parts.heldout_reward(center, on_chunk)
+    with ChunkSteps(console, "held-out chunks", bar=False) as progress:  # inside align's own bar or spinner
+        reward, evaluation = parts.heldout_reward(center, progress)
     rows = completions.heldout_rows(parts.heldout, evaluation, parts.scorer)
     completions.write(run_dir, iteration, rows)
     return reward, evaluation, rows

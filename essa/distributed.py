@@ -37,7 +37,7 @@ import torch
 from rich.console import Console
 
 from essa.engines.load import load_engine
-from essa.engines.rows import OnChunk, Rows, chunk_rows
+from essa.engines.rows import Chunking, OnChunk, OnRows, Rows, chunk_rows
 from essa.errors import EssaError
 from essa.evaluation import ChunkResult, Evaluation, Task, assemble, evaluate_chunk
 from essa.preflight import SPACE_FILE
@@ -97,8 +97,8 @@ class Worker:
         self.scorer = Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb)
         return (self.dir / SPACE_FILE).read_bytes()
 
-    def chunk_size(self, n_prompts: int) -> int:
-        return self.engine.chunk_size(n_prompts)
+    def chunking(self, n_prompts: int) -> Chunking:
+        return self.engine.chunking(n_prompts)
 
     def evaluate(self, candidates: np.ndarray, rows: Rows, task: Task, keep_texts: bool) -> ChunkResult:
         return evaluate_chunk(self.engine, self.scorer, torch.tensor(candidates), task, rows, keep_texts)
@@ -188,7 +188,7 @@ class RayEvaluator:
 
     def __init__(self, recipe: Recipe, raw: dict, run_dir: Path, console: Console) -> None:
         cfg = recipe.distributed
-        self.local, self.busy, self.chunk_sizes = cfg.address in ("", "local"), False, {}
+        self.local, self.busy, self.chunkings = cfg.address in ("", "local"), False, {}
         self.console, self.recipe, self.saved_env = console, recipe, None
         if self.local:
             self.ray, self.saved_env = start_local()
@@ -278,16 +278,19 @@ class RayEvaluator:
             raise
 
     def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
-                 on_chunk: OnChunk | None = None) -> Evaluation:
+                 on_chunk: OnChunk | None = None, on_rows: OnRows | None = None) -> Evaluation:
+        """`on_rows` is not called: the rows of a chunk finish in a worker, which reports the chunk."""
         start, ray = time.perf_counter(), self.ray
         candidates = np.asarray(candidates, dtype=np.float32).reshape(-1, self.space.dim)
         n = len(task.prompts)
-        chunks = chunk_rows(len(candidates), n, self._chunk_size(n))
+        chunks = chunk_rows(len(candidates), task.lengths, self._chunking(n))
         task_ref = ray.put(task)
         results: list[ChunkResult | None] = [None] * len(chunks)
         pending, running, idle = collections.deque(range(len(chunks))), {}, list(self.workers)
         sent, received, lost, used = 0, 0, 0, set()
         self.busy = True
+        if on_chunk:
+            on_chunk(0, len(chunks))
         while pending or running:
             while pending and idle:
                 worker, i = idle.pop(0), pending.popleft()
@@ -313,16 +316,16 @@ class RayEvaluator:
                             "workers_lost": lost}
         return evaluation
 
-    def _chunk_size(self, n_prompts: int) -> int:
+    def _chunking(self, n_prompts: int) -> Chunking:
         """The engines' own chunking, asked of a live worker once per prompt count."""
         lost = (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError)
-        while n_prompts not in self.chunk_sizes:
+        while n_prompts not in self.chunkings:
             worker = self.workers[0]
             try:
-                self.chunk_sizes[n_prompts] = self._get(worker.chunk_size.remote(n_prompts))
+                self.chunkings[n_prompts] = self._get(worker.chunking.remote(n_prompts))
             except lost as err:
                 self._lose(worker, err)
-        return self.chunk_sizes[n_prompts]
+        return self.chunkings[n_prompts]
 
     def _lose(self, worker: Any, err: Exception) -> None:
         self.workers.remove(worker)

@@ -19,7 +19,6 @@ from rich.console import Console
 from essa import extras
 from essa.data import render
 from essa.engines import HFEngine
-from essa.engines.rows import generate
 from essa.files import write_text
 from essa.models import load_model
 from essa.preflight import check_model, load_data
@@ -81,11 +80,12 @@ def _evaluate(recipe: Recipe, adapters: list[Path], rows: list[dict], scorer: Sc
                                          1.0).modules, 1.0)
         initial = torch.cat([torch.cat([m.a.s, m.b.s]) for m in space.modules])
         candidates = torch.stack(([-initial] if n == 0 else []) + ([torch.zeros_like(initial)] if adapter else []))
-        engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows)
+        engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows,
+                          recipe.generation.batch_tokens)
         what = (f"generating for {len(rows)} prompts with " + ("the base model" if n == 0 else "")
                 + (" and " if n == 0 and adapter else "") + (f"the adapter {adapter}" if adapter else ""))
-        with phase(console, what), ChunkSteps(console, "eval chunks", bar=False) as on_chunk:
-            completions += generate(engine, candidates, prompts, on_chunk).completions
+        with phase(console, what), ChunkSteps(console, "eval chunks", bar=False) as progress:
+            completions += engine.generate(candidates, prompts, progress, progress.rows).completions
         engine.close()
     names = ["base"] + adapter_names(adapters)
     with phase(console, f"scoring {len(names) * len(rows)} completions"):

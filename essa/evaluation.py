@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from essa.data import Dataset, render
-from essa.engines.rows import Engine, OnChunk, Rows, add_up, chunk_rows
+from essa.engines.rows import Engine, OnChunk, OnRows, Rows, add_up, chunk_rows, prompt_lengths
 from essa.recipe import DataSection
 from essa.scoring import Scorer
 from essa.svd import SVDSpace
@@ -31,10 +31,12 @@ class Task:
     rendered: list[str]
     prompts: list[str]
     columns: dict[str, list[Any]]
+    lengths: list[int]  # tokens of each rendered prompt, which chunks are planned by
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase, data: Dataset, section: DataSection) -> "Task":
-        return cls(render(tokenizer, data.prompts(), section), data.prompts(), data.columns())
+        rendered = render(tokenizer, data.prompts(), section)
+        return cls(rendered, data.prompts(), data.columns(), prompt_lengths(tokenizer, rendered))
 
     def rows(self, prompts: tuple[int, ...]) -> tuple[list[str], dict[str, list[Any]]]:
         return [self.prompts[j] for j in prompts], {k: [v[j] for j in prompts] for k, v in self.columns.items()}
@@ -53,8 +55,8 @@ class ChunkResult:
 
 
 def evaluate_chunk(engine: Engine, scorer: Scorer, candidates: torch.Tensor, task: Task, rows: Rows,
-                   keep_texts: bool) -> ChunkResult:
-    out = engine.generate_rows(candidates, task.rendered, rows)
+                   keep_texts: bool, on_rows: OnRows | None = None) -> ChunkResult:
+    out = engine.generate_rows(candidates, task.rendered, rows, on_rows)
     start = time.perf_counter()
     prompts, columns = task.rows(rows.prompts)
     scores, failures = scorer(prompts, out.texts, columns)
@@ -101,7 +103,7 @@ class Evaluator(Protocol):
     space: SVDSpace
 
     def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
-                 on_chunk: OnChunk | None = None) -> Evaluation: ...
+                 on_chunk: OnChunk | None = None, on_rows: OnRows | None = None) -> Evaluation: ...
 
     def close(self) -> None: ...
 
@@ -113,14 +115,16 @@ class LocalEvaluator:
         self.engine, self.scorer, self.space = engine, scorer, engine.space
 
     def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
-                 on_chunk: OnChunk | None = None) -> Evaluation:
+                 on_chunk: OnChunk | None = None, on_rows: OnRows | None = None) -> Evaluation:
         start = time.perf_counter()
         candidates = torch.as_tensor(np.asarray(candidates, dtype=np.float32)).reshape(-1, self.space.dim)
         n = len(task.prompts)
-        chunks = chunk_rows(len(candidates), n, self.engine.chunk_size(n))
+        chunks = chunk_rows(len(candidates), task.lengths, self.engine.chunking(n))
         results = []
+        if on_chunk:
+            on_chunk(0, len(chunks))
         for rows in chunks:
-            results.append(evaluate_chunk(self.engine, self.scorer, candidates, task, rows, keep_texts))
+            results.append(evaluate_chunk(self.engine, self.scorer, candidates, task, rows, keep_texts, on_rows))
             if on_chunk:
                 on_chunk(len(results), len(chunks))
         return assemble(chunks, results, len(candidates), n, time.perf_counter() - start)

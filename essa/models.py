@@ -42,10 +42,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+def resolve_dtype(dtype: str, device: torch.device, quantization: str = "none") -> torch.dtype:
+    """"auto": bfloat16 on CUDA; on a CPU, bfloat16 for 4-bit models where the CPU multiplies bf16 natively
+    (bitsandbytes already computes their matmuls in bf16 there, so float32 activations only add
+    conversions, a 4x slower output layer and a slow attention: docs/benchmarks.md), else float32."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if quantization in ("nf4", "fp4") and cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
 
 
 def bundled_gguf(alias: str) -> Path:
@@ -184,7 +195,7 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
 def load_model(cfg: ModelSection, quantized: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model and tokenizer as the recipe says; `quantized=False` loads it unquantized."""
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.quantization if quantized else "none")
     source = resolve_source(cfg.name_or_path)
     quant = quantization_config(cfg.quantization if quantized else "none", dtype)
     try:

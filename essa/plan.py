@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from essa.models import meta_model, read_config
+from essa.models import meta_model, read_config, resolve_dtype
 from essa.recipe import Recipe
 from essa.svd import find_targets
 
@@ -37,7 +37,8 @@ def plan(recipe: Recipe, device_type: str = "cuda", prompt_tokens: int = 256) ->
     targets = find_targets(model, recipe.lora.target_modules)
     rank = recipe.lora.rank
     trainable = max(1, math.ceil(recipe.svd.trainable_fraction * rank))
-    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    dtype = str(resolve_dtype(recipe.model.dtype, torch.device(device_type), recipe.model.quantization)).removeprefix(
+        "torch.")
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     total = sum(p.numel() for p in model.parameters())
     per_weight = BYTES_PER_WEIGHT[recipe.model.quantization] or DTYPE_BYTES[dtype]
@@ -47,6 +48,7 @@ def plan(recipe: Recipe, device_type: str = "cuda", prompt_tokens: int = 256) ->
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     tokens = prompt_tokens + recipe.generation.max_new_tokens
-    kv = rows * tokens * config.num_hidden_layers * 2 * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    cached = min(rows * tokens, max(recipe.generation.batch_tokens, tokens))  # a chunk's budget, one row at least
+    kv = cached * config.num_hidden_layers * 2 * kv_heads * head_dim * DTYPE_BYTES[dtype]
     return Plan(len(targets), len(targets) * 2 * trainable, recipe.strategy.population,
                 recipe.data.prompts_per_iteration, rows, weights / 2**30, kv / 2**30)

@@ -84,20 +84,35 @@ class Steps:
 
 
 class ChunkSteps:
-    """`on_chunk` for an evaluation: once it has more than one chunk, a Steps line (or bar) per chunk.
-    Its clock starts with the evaluation, not at the first finished chunk: that line's elapsed time
-    and ETA count the first chunk's own time."""
+    """Progress of an evaluation: once it has more than one chunk, a Steps line (or bar) per chunk,
+    and inside a long chunk a line every `every` seconds with its rows finished and tokens per second
+    (a chunk of long IFEval prompts can take minutes). Its clock starts with the evaluation, not at
+    the first finished chunk: that line's elapsed time and ETA count the first chunk's own time."""
 
-    def __init__(self, console: Console, what: str, bar: bool = True) -> None:
-        self.console, self.what, self.bar, self.steps = console, what, bar, None
+    def __init__(self, console: Console, what: str, bar: bool = True, every: float = 20.0) -> None:
+        self.console, self.what, self.bar, self.steps, self.every = console, what, bar, None, every
         self.start = time.perf_counter()
+        self.chunks_done, self.chunks, self.chunk_start, self.last_line = 0, 0, self.start, self.start
 
     def __call__(self, done: int, total: int) -> None:
-        if total < 2:
+        self.chunks_done, self.chunks = done, total
+        self.chunk_start = self.last_line = time.perf_counter()
+        if total < 2 or done == 0:  # done == 0: the evaluation starts and says how many chunks it has
             return
         if self.steps is None:
             self.steps = Steps(self.console, self.what, total, bar=self.bar, start=self.start).__enter__()
         self.steps.update(done)
+
+    def rows(self, finished: int, total: int, tokens: int) -> None:
+        """Inside the running chunk (the engine calls this after every decode step)."""
+        now = time.perf_counter()
+        if now - self.last_line < self.every or (self.console.is_terminal and not self.bar):
+            return
+        self.last_line = now
+        chunk = f" {self.chunks_done + 1}/{self.chunks}" if self.chunks > 1 else ""
+        rate = tokens / (now - self.chunk_start) if now > self.chunk_start else 0.0
+        self.console.print(f"{self.what}: chunk{chunk} {finished}/{total} rows finished  {tokens} tokens  "
+                           f"{rate:.0f} tok/s  elapsed {clock(now - self.start)}", highlight=False, soft_wrap=True)
 
     def __enter__(self) -> "ChunkSteps":
         return self

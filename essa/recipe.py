@@ -122,6 +122,7 @@ class RewardSection:
 class GenerationSection:
     max_new_tokens: int = positive(64, 10**6)
     batch_rows: int = positive(256, 10**6)
+    batch_tokens: int = positive(32768, 10**9)
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow"]

@@ -59,3 +59,17 @@ def test_processes_racing_on_an_empty_cache_share_one_conversion(tmp_path):
     again = subprocess.run([sys.executable, "-c", CONVERT, str(gguf)], capture_output=True, text=True, env=env,
                            timeout=300)
     assert again.returncode == 0 and Path(again.stdout.strip()) == target and "converting" not in again.stderr
+
+
+def test_auto_dtype_is_bf16_for_4bit_models_on_a_cpu_that_multiplies_bf16():
+    import torch
+    from bitsandbytes.functional import has_avx512bf16
+
+    from essa.models import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, "nf4") == (torch.bfloat16 if has_avx512bf16() else torch.float32)
+    assert resolve_dtype("auto", cpu, "none") == torch.float32  # unquantized: float32, as peft computes
+    assert resolve_dtype("auto", cpu, "int8") == torch.float32
+    assert resolve_dtype("float32", cpu, "nf4") == torch.float32  # an explicit dtype is kept
+    assert resolve_dtype("auto", torch.device("cuda"), "none") == torch.bfloat16

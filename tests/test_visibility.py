@@ -224,7 +224,7 @@ def test_chunk_lines_count_time_from_the_start_of_the_evaluation(monkeypatch):
 
     from essa import progress
 
-    now = iter([100.0, 160.0, 220.0])
+    now = iter([100.0, 160.0, 160.0, 220.0, 220.0])  # start; then each chunk: its own clock, its line
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(now))
     out = io.StringIO()
     with progress.ChunkSteps(Console(file=out, width=200), "eval chunks", bar=False) as on_chunk:

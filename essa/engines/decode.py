@@ -41,17 +41,23 @@ def prefill(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> tuple[DynamicC
 
 @torch.no_grad()
 def greedy_decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                  stop_ids: Tensor, pad_id: int, use_rows: Callable[[Tensor], None] = lambda rows: None) -> Tensor:
+                  stop_ids: Tensor, pad_id: int, use_rows: Callable[[Tensor], None] = lambda rows: None,
+                  on_step: Callable[[int, int], None] | None = None) -> Tensor:
     """New tokens [rows, max_new_tokens]: each row's greedy continuation of its (left-padded) prompt up
     to and including its first stop token, `pad_id` after it. `use_rows(index)` is called with the
-    indices of the rows in the next forward pass whenever they change."""
+    indices of the rows in the next forward pass whenever they change; `on_step(finished rows, tokens
+    generated)` after every step, for progress."""
     mask = attention_mask
     new = torch.full((len(input_ids), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
     cache, positions, logits = prefill(model, input_ids, mask)
     active = torch.arange(len(input_ids), device=input_ids.device)
+    tokens = 0
     for step in range(max_new_tokens):
         token = logits.argmax(-1)
         new[active, step] = token
+        tokens += len(active)
+        if on_step:
+            on_step(len(input_ids) - len(active), tokens)
         if step == max_new_tokens - 1:
             break
         running = ~torch.isin(token, stop_ids)

@@ -1,8 +1,9 @@
 """Population-batched Hugging Face engine.
 
-All (candidate × prompt) rows go through batched greedy decodes of `generation.batch_rows` rows
-each (essa/engines/decode.py: finished rows leave the batch) over the shared (possibly quantized)
-base weights. Forward hooks on the adapted linear layers add each row's own low-rank term,
+All (candidate × prompt) rows go through batched greedy decodes (essa/engines/decode.py: finished
+rows leave the batch) over the shared (possibly quantized) base weights, in chunks of rows of
+similar prompt length of at most `generation.batch_rows` rows and `generation.batch_tokens`
+tokens of cache (essa/engines/rows.py). Forward hooks on the adapted linear layers add each row's own low-rank term,
 computed from the frozen SVD factors and that row's singular values:
 
     delta(x) = scaling · ((((x V_A) ⊙ s_A[row]) U_Aᵀ V_B) ⊙ s_B[row]) U_Bᵀ
@@ -22,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from essa.engines.attention import use_gqa_sdpa
 from essa.engines.decode import greedy_decode
-from essa.engines.rows import Generation, Rows, RowsOutput, generate
+from essa.engines.rows import Chunking, Generation, OnChunk, OnRows, Rows, RowsOutput, generate, prompt_lengths
 from essa.svd import SVDSpace
 
 
@@ -110,30 +111,34 @@ class HFEngine:
     """Evaluate populations of candidates with one batched greedy decode per chunk of rows."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
-                 max_new_tokens: int, batch_rows: int) -> None:
+                 max_new_tokens: int, batch_rows: int, batch_tokens: int = Chunking.tokens) -> None:
         self.model, self.tokenizer, self.space = model, tokenizer, space
-        self.max_new_tokens, self.batch_rows = max_new_tokens, batch_rows
+        self.max_new_tokens = max_new_tokens
+        self.plan = Chunking(batch_rows, True, batch_tokens, max_new_tokens)
         self.lora = PopulationLoRA(model, space, lora_compute_dtype(model))
         self.restore_attention = use_gqa_sdpa(model)
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.lora.device)
 
-    def chunk_size(self, n_prompts: int) -> int:
-        return self.batch_rows
+    def chunking(self, n_prompts: int) -> Chunking:
+        return self.plan
 
     @torch.no_grad()
-    def generate_rows(self, candidates: Tensor, prompts: list[str], rows: Rows) -> RowsOutput:
+    def generate_rows(self, candidates: Tensor, prompts: list[str], rows: Rows,
+                      on_rows: OnRows | None = None) -> RowsOutput:
         start = time.perf_counter()
         self.lora.set_rows(candidates, torch.tensor(rows.members))
         batch = self.tokenizer([prompts[j] for j in rows.prompts], return_tensors="pt", padding=True,
                                add_special_tokens=False).to(self.lora.device)
         new = greedy_decode(self.model, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
-                            self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows).cpu()
+                            self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows,
+                            on_rows and (lambda finished, tokens: on_rows(finished, len(rows), tokens))).cpu()
         return RowsOutput(self.tokenizer.batch_decode(new, skip_special_tokens=True),
                           int(count_generated(new, self.stop_ids).sum()), time.perf_counter() - start)
 
-    def generate(self, candidates: Tensor, prompts: list[str]) -> Generation:
-        return generate(self, candidates, prompts)
+    def generate(self, candidates: Tensor, prompts: list[str], on_chunk: OnChunk | None = None,
+                 on_rows: OnRows | None = None) -> Generation:
+        return generate(self, candidates, prompts, prompt_lengths(self.tokenizer, prompts), on_chunk, on_rows)
 
     def close(self) -> None:
         self.lora.remove()

@@ -32,7 +32,9 @@ def load_space(run_dir: Path, recipe: Recipe, model: Callable[[], PreTrainedMode
 def hf_engine(recipe: Recipe, run_dir: Path) -> tuple[HFEngine, PreTrainedTokenizerBase]:
     model, tokenizer = load_model(recipe.model)
     space = load_space(run_dir, recipe, lambda: model)
-    return HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows), tokenizer
+    generation = recipe.generation
+    engine = HFEngine(model, tokenizer, space, generation.max_new_tokens, generation.batch_rows, generation.batch_tokens)
+    return engine, tokenizer
 
 
 def tensor_parallel_args(gpus: int) -> dict:
@@ -50,7 +52,8 @@ def vllm_engine(recipe: Recipe, run_dir: Path, tensor_parallel: int = 1) -> tupl
     source = resolve_source(recipe.model.name_or_path)
     cfg = recipe.vllm
     engine = VLLMEngine(source, space, recipe.generation.max_new_tokens,
-                        resolve_dtype(recipe.model.dtype, device), recipe.model.quantization,
+                        resolve_dtype(recipe.model.dtype, device, recipe.model.quantization),
+                        recipe.model.quantization,
                         cfg.max_loras or recipe.strategy.population,
                         memory_args(cfg.kv_cache_gb, cfg.gpu_memory_utilization, device), cfg.max_model_len,
                         recipe.run.seed, tensor_parallel_args(tensor_parallel))

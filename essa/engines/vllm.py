@@ -20,7 +20,7 @@ import time
 import torch
 
 from essa.adapter_files import write_peft_adapter
-from essa.engines.rows import Generation, Rows, RowsOutput, generate
+from essa.engines.rows import Chunking, Generation, OnRows, Rows, RowsOutput, generate
 from essa.errors import EssaError
 from essa.scratch import make_scratch
 from essa.svd import SVDSpace
@@ -96,10 +96,13 @@ class VLLMEngine:
             self.llm.llm_engine.remove_lora(request.lora_int_id)
             shutil.rmtree(request.lora_path, ignore_errors=True)
 
-    def chunk_size(self, n_prompts: int) -> int:
-        return self.max_loras * n_prompts  # candidate-major rows: max_loras adapters per call
+    def chunking(self, n_prompts: int) -> Chunking:
+        # candidate-major rows, max_loras adapters per call; vLLM schedules by length itself
+        return Chunking(self.max_loras * n_prompts)
 
-    def generate_rows(self, candidates: torch.Tensor, prompts: list[str], rows: Rows) -> RowsOutput:
+    def generate_rows(self, candidates: torch.Tensor, prompts: list[str], rows: Rows,
+                      on_rows: OnRows | None = None) -> RowsOutput:
+        """One vLLM call; `on_rows` is not called (vLLM reports no progress inside a call)."""
         start = time.perf_counter()
         members = sorted(set(rows.members))
         requests, write, load = self._load_adapters(candidates[members])
@@ -113,7 +116,7 @@ class VLLMEngine:
                           time.perf_counter() - start, {"seconds_adapter_write": write, "seconds_adapter_load": load})
 
     def generate(self, candidates: torch.Tensor, prompts: list[str]) -> Generation:
-        return generate(self, candidates, prompts)
+        return generate(self, candidates, prompts, [0] * len(prompts))
 
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
