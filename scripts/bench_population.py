@@ -17,8 +17,12 @@ of each is kept. For the HF engine on a CPU also the share of a population call 
 per-row low-rank terms; for the vLLM engine the seconds spent writing and loading adapters.
 
     python scripts/bench_population.py [--engines hf,vllm] [--precisions fp32,bf16,int8,nf4]
-        [--shapes 8x8x48,16x16x128] [--model smollm2-135m-instruct | --random qwen2.5-1.5b]
-        [--quick] [--json out.json] [--plot out.png]
+        [--shapes 8x8x48,16x16x128] [--prompts format-instructions | ifeval]
+        [--model smollm2-135m-instruct | --random qwen2.5-1.5b] [--quick] [--json out.json] [--plot out.png]
+
+`--prompts ifeval` takes real IFEval prompts (../shared/data) in the chat template with the IFEval
+recipe's system prompt: 37 to 381 tokens each (median 67), where the quickstart's format
+instructions are about 50 to 70.
 
 `--random SHAPE` builds a random-weight model shaped like a published one (scripts/random_models.py;
 no download): the matmuls cost what the real model's cost.
@@ -34,6 +38,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,13 +51,16 @@ from essa.engines import HFEngine
 from essa.engines.hf import _RowLoRA, count_generated, stop_token_ids
 from essa.errors import EssaError
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
-from essa.recipe import DataSection, ModelSection
+from essa.recipe import DataSection, GenerationSection, ModelSection
 from essa.svd import SVDSpace, build_space
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # precision -> (model.quantization, model.dtype); quantized layers compute in the device's default dtype.
 PRECISIONS = {"fp32": ("none", "float32"), "bf16": ("none", "bfloat16"), "int8": ("int8", "auto"),
               "nf4": ("nf4", "auto")}
+PROMPTS = {"format-instructions": DataSection(),
+           "ifeval": DataSection(source="google/IFEval", train_size=1,
+                                 system_prompt="You are a helpful, honest, and concise assistant.")}
 
 
 class Shape(NamedTuple):
@@ -118,9 +126,10 @@ def roofline(model: torch.nn.Module, rows: int, repeats: int) -> dict:
     return {"roofline_tokens_per_s": rows / seconds, "roofline_gflops": flops / seconds / 1e9}
 
 
-def bench_hf(cfg: ModelSection, prompts_raw: list[str], shape: Shape, rank: int, repeats: int) -> dict:
+def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, shape: Shape, rank: int,
+             repeats: int) -> dict:
     model, tokenizer = load_model(cfg)
-    prompts = render(tokenizer, prompts_raw[:shape.prompts], DataSection())
+    prompts = render(tokenizer, prompts_raw[:shape.prompts], section)
     # Before any forward pass: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights at the first one.
     space = build_space(model, rank, 0, TARGETS, "", 1.0)
     rows = [p for _ in range(shape.population) for p in prompts]
@@ -128,7 +137,7 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], shape: Shape, rank: int,
 
     def engine() -> HFEngine:
         # The engine's hooks are attached only for its own call: the baseline runs without them.
-        return HFEngine(model, tokenizer, space, shape.tokens, batch_rows=max(256, shape.rows))
+        return HFEngine(model, tokenizer, space, shape.tokens, max(256, shape.rows), GenerationSection().batch_tokens)
 
     stop_ids = stop_token_ids(model, tokenizer)
 
@@ -186,8 +195,8 @@ def vllm_space(source: str, rank: int) -> SVDSpace:
     return build_space(load_model(ModelSection(name_or_path=source, device="cpu"))[0], rank, 0, TARGETS, "", 1.0)
 
 
-def bench_vllm(cfg: ModelSection, prompts_raw: list[str], shape: Shape, rank: int, repeats: int,
-               with_engine: bool = True) -> dict:
+def bench_vllm(cfg: ModelSection, prompts_raw: list[str], section: DataSection, shape: Shape, rank: int,
+               repeats: int, with_engine: bool = True) -> dict:
     """vLLM's base model (no adapters) and, `with_engine`, the vLLM engine (one adapter per candidate)
     on the same prompts."""
     from vllm import SamplingParams
@@ -198,7 +207,7 @@ def bench_vllm(cfg: ModelSection, prompts_raw: list[str], shape: Shape, rank: in
     check_supported(cfg.quantization, device)
     source = resolve_source(cfg.name_or_path)
     space = vllm_space(source, rank)
-    prompts = render(load_tokenizer(source), prompts_raw[:shape.prompts], DataSection())
+    prompts = render(load_tokenizer(source), prompts_raw[:shape.prompts], section)
     engine = VLLMEngine(source, space, shape.tokens, resolve_dtype(cfg.dtype, device), cfg.quantization,
                         shape.population, memory_args(0, 0.85, device), None, seed=0)
     rows = [p for _ in range(shape.population) for p in prompts]
@@ -227,7 +236,8 @@ def bench_vllm(cfg: ModelSection, prompts_raw: list[str], shape: Shape, rank: in
 
 
 def run(args: argparse.Namespace, model: str) -> list[dict]:
-    _, heldout = load_splits(DataSection(heldout_size=max(Shape.parse(s).prompts for s in args.shapes.split(","))), 0)
+    section = replace(PROMPTS[args.prompts], heldout_size=max(Shape.parse(s).prompts for s in args.shapes.split(",")))
+    _, heldout = load_splits(section, 0)
     results = []
     for shape in map(Shape.parse, args.shapes.split(",")):
         rows, vllm_base = [], {}
@@ -241,16 +251,18 @@ def run(args: argparse.Namespace, model: str) -> list[dict]:
                 print(f"measuring {engine} {precision} at {shape} ...", flush=True)
                 try:
                     if engine == "hf":
-                        row = bench_hf(cfg, heldout.prompts(), shape, args.rank, args.repeats)
+                        row = bench_hf(cfg, heldout.prompts(), section, shape, args.rank, args.repeats)
                     else:
-                        row = bench_vllm(cfg, heldout.prompts(), shape, args.rank, args.repeats, "vllm" in engines)
+                        row = bench_vllm(cfg, heldout.prompts(), section, shape, args.rank, args.repeats,
+                                         "vllm" in engines)
                 except EssaError as err:  # e.g. vLLM with bitsandbytes on a CPU: say so and measure the rest
                     print(f"skipped {engine} {precision}: {err}")
                     continue
                 if engine == "vllm":
                     vllm_base[precision] = row["vllm_tokens_per_s"]
                 if engine in engines:
-                    rows.append({"engine": engine, "precision": precision, "shape": str(shape), **row})
+                    rows.append({"engine": engine, "precision": precision, "shape": str(shape),
+                                 "prompts": args.prompts, **row})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -332,6 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precisions", default="fp32,nf4", help=f"comma-separated: {', '.join(PRECISIONS)}")
     parser.add_argument("--shapes", default="8x8x48,16x16x128",
                         help="comma-separated PxBxT: candidates x prompts x max new tokens (EOS honoured)")
+    parser.add_argument("--prompts", choices=sorted(PROMPTS), default="format-instructions",
+                        help="the quickstart's format instructions, or real IFEval prompts")
     parser.add_argument("--no-vllm-baseline", dest="vllm_baseline", action="store_false",
                         help="skip vLLM's base-model baseline (measured by default where vLLM is installed)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model.name_or_path")
@@ -354,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"CPU {cpu_model()} ({torch.get_num_threads()} threads)")
     name = f"random {args.random}" if args.random else args.model
-    title = f"{name}, {device}, LoRA rank {args.rank} on {'/'.join(TARGETS)}, EOS honoured"
+    title = f"{name}, {args.prompts} prompts, {device}, LoRA rank {args.rank} on {'/'.join(TARGETS)}, EOS honoured"
     print_table(results, title)
     if args.plot:
         plot(results, title, args.plot)

@@ -206,3 +206,25 @@ def test_eval_table_merges_reports_and_refuses_a_different_base(tmp_path):
     assert "| a:x | 0.500 | 0.300 | -0.200 |" in per_type
     with pytest.raises(SystemExit, match="differ"):
         table.main([str(first), str(report(tmp_path / "c.json", [("s3", 0.1)], base=0.3))])
+
+
+def test_paired_runs_pairs_the_gains_by_seed(tmp_path, capsys):
+    def run(name, base, final, seconds, tokens, generate):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "summary.json").write_text(json.dumps({"baseline_heldout_reward": base, "final_heldout_reward": final,
+                                                       "best_heldout_reward": final, "seconds_this_session": seconds}))
+        (path / "metrics.jsonl").write_text(json.dumps({"generated_tokens": tokens, "seconds_generate": generate}))
+
+    run("old-s0", 0.3, 0.4, 200.0, 1000, 10.0)
+    run("new-s0", 0.3, 0.35, 100.0, 1000, 5.0)
+    run("old-s1", 0.2, 0.2, 300.0, 1000, 10.0)
+    run("new-s1", 0.2, 0.3, 150.0, 1000, 4.0)
+    report = script("paired_runs").main(["--runs", str(tmp_path), "--a", "old", "--b", "new", "--seeds", "0,1",
+                                         "--json", str(tmp_path / "out.json")])
+    assert [round(r["gain_difference"], 6) for r in report["seeds"]] == [-0.05, 0.1]
+    assert report["summary"]["gain_difference"]["mean"] == pytest.approx(0.025)
+    assert report["summary"]["speedup_wall"]["mean"] == pytest.approx(2.0)
+    assert report["seeds"][1]["speedup_tokens_per_s"] == pytest.approx(2.5)
+    assert json.loads((tmp_path / "out.json").read_text())["summary"] == report["summary"]
+    assert "paired difference +0.025" in capsys.readouterr().out

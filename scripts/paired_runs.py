@@ -1,0 +1,82 @@
+"""Held-out results of two sets of `essa align` runs, seed by seed: the numerics-policy check.
+
+A reduced-precision speed-up of the engine is kept when the quickstart's held-out reward over at
+least 5 seeds is not worse with it than without it, paired by seed (docs/benchmarks.md, "Numerics
+policy"). Each side is a directory of run directories named PREFIX-sSEED (each with its
+summary.json, as `essa align --out` writes); this prints and writes per seed the base, final and
+best held-out rewards, the gain, wall time and tokens/s of both sides, and the paired difference
+of the gains with its mean and standard deviation.
+
+    python scripts/paired_runs.py --runs runs/policy --a old --b new --seeds 0,1,2,3,4 \\
+        --json docs/engine_policy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from pathlib import Path
+
+
+def side(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tokens = sum(r.get("generated_tokens", 0) for r in rows)
+    generate = sum(r.get("seconds_generate", 0.0) for r in rows)
+    return {"base": summary["baseline_heldout_reward"], "final": summary["final_heldout_reward"],
+            "best": summary["best_heldout_reward"], "gain": summary["final_heldout_reward"]
+            - summary["baseline_heldout_reward"], "seconds": summary["seconds_this_session"],
+            "peak_memory_mb": summary.get("peak_memory_mb"), "tokens_per_s": tokens / generate if generate else None}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, required=True, help="directory holding PREFIX-sSEED run directories")
+    parser.add_argument("--a", required=True, help="prefix of the runs without the change")
+    parser.add_argument("--b", required=True, help="prefix of the runs with it")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for seed in seeds:
+        a, b = side(args.runs / f"{args.a}-s{seed}"), side(args.runs / f"{args.b}-s{seed}")
+        rows.append({"seed": seed, args.a: a, args.b: b, "gain_difference": b["gain"] - a["gain"],
+                     "speedup_wall": a["seconds"] / b["seconds"],
+                     "speedup_tokens_per_s": (b["tokens_per_s"] / a["tokens_per_s"]
+                                              if a["tokens_per_s"] and b["tokens_per_s"] else None)})
+    report = {"cpu": cpu_model(), "seeds": rows,
+        "summary": {args.a: spread([r[args.a]["gain"] for r in rows]), args.b: spread([r[args.b]["gain"] for r in rows]),
+                    "gain_difference": spread([r["gain_difference"] for r in rows]),
+                    "speedup_wall": spread([r["speedup_wall"] for r in rows])}}
+    print(f"{'seed':>4}  {args.a + ' base→final (gain)':>28}  {args.b + ' base→final (gain)':>28}  "
+          f"{'b−a':>7}  {'s a':>6}  {'s b':>6}")
+    for r in rows:
+        a, b = r[args.a], r[args.b]
+        print(f"{r['seed']:>4}  {a['base']:.3f}→{a['final']:.3f} ({a['gain']:+.3f}){'':>8}  "
+              f"{b['base']:.3f}→{b['final']:.3f} ({b['gain']:+.3f}){'':>8}  {r['gain_difference']:+.3f}  "
+              f"{a['seconds']:6.0f}  {b['seconds']:6.0f}")
+    s = report["summary"]
+    print(f"gain {args.a} {s[args.a]['mean']:+.3f} ± {s[args.a]['sd']:.3f}, {args.b} {s[args.b]['mean']:+.3f} ± "
+          f"{s[args.b]['sd']:.3f}; paired difference {s['gain_difference']['mean']:+.3f} ± "
+          f"{s['gain_difference']['sd']:.3f}; wall-time speed-up {s['speedup_wall']['mean']:.2f}×")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
