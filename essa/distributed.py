@@ -5,7 +5,8 @@ needs no GPU. Each worker is a Ray actor with its own engine and scorer on its o
 first worker builds the SVD space from its model; the driver saves it as the run's
 space.safetensors and every other worker (and every resumed one) loads those same bytes, so all
 workers evaluate exactly the same search space. Work is handed out in the chunks of rows that one
-process decodes (`generation.batch_rows`), so each chunk is the same batch with the same numerics
+process decodes (essa/engines/rows.py: planned from the prompts' token lengths and the engine's
+chunking, which a worker reports once per prompt count), so each chunk is the same batch with the same numerics
 wherever it runs, and the rewards, centers and checkpoints equal those of `workers = 1`.
 
 What crosses the wire: per chunk, the candidates it needs and its row indices; per evaluation and
