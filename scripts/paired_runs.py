@@ -58,10 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "speedup_wall": a["seconds"] / b["seconds"],
                      "speedup_tokens_per_s": (b["tokens_per_s"] / a["tokens_per_s"]
                                               if a["tokens_per_s"] and b["tokens_per_s"] else None)})
-    report = {"cpu": cpu_model(), "seeds": rows,
-        "summary": {args.a: spread([r[args.a]["gain"] for r in rows]), args.b: spread([r[args.b]["gain"] for r in rows]),
-                    "gain_difference": spread([r["gain_difference"] for r in rows]),
-                    "speedup_wall": spread([r["speedup_wall"] for r in rows])}}
+    summary = {name: spread([r[name]["gain"] for r in rows]) for name in (args.a, args.b)}
+    summary |= {key: spread([r[key] for r in rows]) for key in ("gain_difference", "speedup_wall")}
+    report = {"cpu": cpu_model(), "seeds": rows, "summary": summary}
     print(f"{'seed':>4}  {args.a + ' base→final (gain)':>28}  {args.b + ' base→final (gain)':>28}  "
           f"{'b−a':>7}  {'s a':>6}  {'s b':>6}")
     for r in rows:

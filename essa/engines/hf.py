@@ -3,8 +3,8 @@
 All (candidate × prompt) rows go through batched greedy decodes (essa/engines/decode.py: finished
 rows leave the batch) over the shared (possibly quantized) base weights, in chunks of rows of
 similar prompt length of at most `generation.batch_rows` rows and `generation.batch_tokens`
-tokens of cache (essa/engines/rows.py). Forward hooks on the adapted linear layers add each row's own low-rank term,
-computed from the frozen SVD factors and that row's singular values:
+tokens of cache (essa/engines/rows.py). Forward hooks on the adapted linear layers add each
+row's own low-rank term, computed from the frozen SVD factors and that row's singular values:
 
     delta(x) = scaling · ((((x V_A) ⊙ s_A[row]) U_Aᵀ V_B) ⊙ s_B[row]) U_Bᵀ
 

@@ -32,9 +32,8 @@ def load_space(run_dir: Path, recipe: Recipe, model: Callable[[], PreTrainedMode
 def hf_engine(recipe: Recipe, run_dir: Path) -> tuple[HFEngine, PreTrainedTokenizerBase]:
     model, tokenizer = load_model(recipe.model)
     space = load_space(run_dir, recipe, lambda: model)
-    generation = recipe.generation
-    engine = HFEngine(model, tokenizer, space, generation.max_new_tokens, generation.batch_rows, generation.batch_tokens)
-    return engine, tokenizer
+    gen = recipe.generation
+    return HFEngine(model, tokenizer, space, gen.max_new_tokens, gen.batch_rows, gen.batch_tokens), tokenizer
 
 
 def tensor_parallel_args(gpus: int) -> dict:
