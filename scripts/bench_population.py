@@ -53,6 +53,7 @@ from essa.errors import EssaError
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import DataSection, GenerationSection, ModelSection
 from essa.svd import SVDSpace, build_space
+from machine import cpu_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # precision -> (model.quantization, model.dtype); quantized layers compute in the device's default dtype.
@@ -327,15 +328,6 @@ def plot(results: list[dict], title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from essa import recipe as recipes  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 # (label, --set overrides, torch threads of the driver process)
 CONFIGS = [("one process, 2 threads", ["distributed.workers=1"]),
@@ -43,12 +43,6 @@ CONFIGS = [("one process, 2 threads", ["distributed.workers=1"]),
 # The ESSA paper's PRM800K Qwen2.5-32B time to 0.835 (minutes), from its scaling figure.
 PAPER = {"essa": {16: 200, 128: 20}, "grpo": {16: 400, 128: 150}}
 
-
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def isolated(args: list[str]) -> list[str]:

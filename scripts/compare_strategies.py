@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from essa import recipe as recipes  # noqa: E402
 from essa.cli import main as essa  # noqa: E402
 from essa.strategies import candidates_per_iteration  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 STRATEGIES = {
     "es": ["strategy.name=es"],
@@ -79,12 +79,6 @@ def run_one(recipe: Path, overrides: list[str], out: Path, record: Path | None =
                                       "rows": rows}, indent=1))
     return rows
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def curve(rows: list[dict]) -> list[dict]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
+
+from machine import cpu_model
 
 
 def side(run_dir: Path) -> dict:
@@ -30,12 +31,6 @@ def side(run_dir: Path) -> dict:
             - summary["baseline_heldout_reward"], "seconds": summary["seconds_this_session"],
             "peak_memory_mb": summary.get("peak_memory_mb"), "tokens_per_s": tokens / generate if generate else None}
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def spread(values: list[float]) -> dict:
