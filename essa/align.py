@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
-from essa import checkpoint, completions, trackers
+from essa import checkpoint, completions, trackers, warm_start
 from essa.data import Dataset, minibatch
 from essa.distributed import RayEvaluator, distributed
 from essa.engines.load import load_engine
@@ -25,7 +25,7 @@ from essa.metrics import MetricsLog, peak_memory_mb, plot
 from essa.models import load_tokenizer, resolve_source
 from essa.preflight import CHECKPOINTS, METRICS_FILE, RECIPE_FILE, SPACE_FILE, Inputs, check_inputs, check_run_dir
 from essa.progress import ChunkSteps, Steps, phase
-from essa.recipe import Recipe
+from essa.recipe import Recipe, from_dict
 from essa.report import write_report
 from essa.scoring import Scorer
 from essa.strategies import State, Strategy, make_strategy
@@ -113,18 +113,22 @@ def restore(root: Path, strategy: Strategy, console: Console) -> tuple[State, Be
 
 
 def summarize(run_dir: Path, recipe: Recipe, rows: list[dict], best: Best, baseline: float, iterations: int,
-              seconds: float, console: Console) -> dict:
+              seconds: float, warm: dict | None, console: Console) -> dict:
     plot(rows, run_dir / "reward.png", f"essa align: {recipe.source}")
     final = next((r["heldout_reward"] for r in reversed(rows) if r.get("heldout_reward") is not None), baseline)
     summary = {"baseline_heldout_reward": baseline, "final_heldout_reward": final,
                "best_heldout_reward": best.reward, "best_iteration": best.iteration, "iterations": iterations,
                "seconds_this_session": seconds, "peak_memory_mb": peak_memory_mb(), "run_dir": str(run_dir)}
+    if warm:
+        summary["warm_start"] = warm
     write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     page = write_report(run_dir)
     table = Table(title="essa align: held-out reward of the center")
-    for column in ("initial", "final", "best", "best at iteration"):
+    columns = (["base model"] if warm else []) + ["initial", "final", "best", "best at iteration"]
+    for column in columns:
         table.add_column(column)
-    table.add_row(f"{baseline:.4f}", f"{final:.4f}", f"{best.reward:.4f}", str(best.iteration))
+    table.add_row(*([f"{warm['base_heldout_reward']:.4f}"] if warm else []), f"{baseline:.4f}", f"{final:.4f}",
+                  f"{best.reward:.4f}", str(best.iteration))
     console.print(table)
     console.print(f"run directory: {run_dir} (metrics.jsonl, completions/, reward.png, checkpoints/); report: {page}; "
                   f"export with: essa export {run_dir} --adapter DIR")
@@ -140,10 +144,15 @@ def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Conso
         if not resume:
             (run_dir / SPACE_FILE).unlink(missing_ok=True)
         write_text(run_dir / RECIPE_FILE, json.dumps(raw, indent=1))
+        searched, warm = raw, None
+        if warm_start.enabled(recipe):  # the paper's SFT stage: it makes the adapter the search starts from
+            adapter, warm = warm_start.run(recipe, inputs.train, inputs.heldout, inputs.scorer, run_dir, resume,
+                                           console)
+            searched = warm_start.searched(raw, adapter)
         with phase(console, "loading the model and building the SVD space"):
-            parts = build_parts(recipe, raw, run_dir, inputs, console)
+            parts = build_parts(from_dict(searched, recipe.source), searched, run_dir, inputs, console)
         try:
-            return evolve(parts, raw, run_dir, resume, started, console)
+            return evolve(parts, raw, run_dir, resume, started, warm, console)
         finally:
             parts.evaluator.close()  # also on Ctrl-C: vLLM's scratch adapters and Ray's workers go
     finally:
@@ -160,7 +169,8 @@ def heldout(parts: Parts, center: np.ndarray, iteration: int, run_dir: Path,
     return reward, evaluation, rows
 
 
-def evolve(parts: Parts, raw: dict, run_dir: Path, resume: bool, started: float, console: Console) -> dict:
+def evolve(parts: Parts, raw: dict, run_dir: Path, resume: bool, started: float, warm: dict | None,
+           console: Console) -> dict:
     """Restore or start, then iterate to run.iterations, checkpointing after every iteration."""
     recipe, run = parts.recipe, parts.recipe.run
     ckpt_root, metrics = run_dir / CHECKPOINTS, MetricsLog(run_dir / METRICS_FILE)
@@ -217,4 +227,4 @@ def evolve(parts: Parts, raw: dict, run_dir: Path, resume: bool, started: float,
         sinks.close()
 
     return summarize(run_dir, recipe, metrics.read(), best, baseline, state.iteration,
-                     time.perf_counter() - started, console)
+                     time.perf_counter() - started, warm, console)

@@ -117,7 +117,7 @@ class LocalEvaluator:
     def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
                  on_chunk: OnChunk | None = None, on_rows: OnRows | None = None) -> Evaluation:
         start = time.perf_counter()
-        candidates = torch.as_tensor(np.asarray(candidates, dtype=np.float32)).reshape(-1, self.space.dim)
+        candidates = torch.atleast_2d(torch.as_tensor(np.asarray(candidates, dtype=np.float32)))  # dim may be 0
         n = len(task.prompts)
         chunks = chunk_rows(len(candidates), task.lengths, self.engine.chunking(n))
         results = []

@@ -20,7 +20,6 @@ EXTRAS = {
     "vllm": ("vllm", "vLLM"),
     "vllm-cpu": ("vllm", "vLLM"),
     "ray": ("ray", "Ray"),
-    "bench": ("trl", "TRL"),
     "tensorboard": ("tensorboard", "TensorBoard"),
     "wandb": ("wandb", "wandb"),
     "mlflow": ("mlflow", "MLflow"),

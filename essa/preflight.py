@@ -94,10 +94,19 @@ def check_inputs(recipe: Recipe) -> Inputs:
     check_model(recipe)
     train, heldout = load_data(recipe)
     reward = recipe.reward
+    check_warm_start(recipe, train)
     columns = sorted(set(train.columns()) & set(heldout.columns()))
     scorer = Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb,
                                 columns)
     return Inputs(train, heldout, scorer)
+
+
+def check_warm_start(recipe: Recipe, train: Dataset) -> None:
+    cfg = recipe.warm_start
+    if cfg.method == "reference" and cfg.response_field not in train.columns():
+        raise RecipeError(recipe.source, "warm_start.response_field",
+                          f"the training data has no column {cfg.response_field!r} to fine-tune on; its columns: "
+                          + (", ".join(sorted(train.columns())) or "none besides the prompt"))
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:

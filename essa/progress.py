@@ -18,12 +18,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 def quiet_third_party() -> None:
     """Silence the load bars and info logs of transformers and the hub, which say nothing a user can
     act on (essa's own lines say what is loading and for how long); their warnings and errors stay."""
+    from datasets.utils.logging import disable_progress_bar as datasets_quiet
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     disable_progress_bars()
+    datasets_quiet()
 
 
 def clock(seconds: float) -> str:

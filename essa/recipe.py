@@ -66,6 +66,20 @@ class LoraSection:
 
 
 @dataclass(frozen=True)
+class WarmStartSection:
+    method: Literal["none", "rejection", "reference"] = "none"
+    prompts: int = positive(64, 10**7)
+    samples_per_prompt: int = positive(4, 4096)
+    temperature: float = positive(0.8, 100)
+    min_reward: float = between(0.0, -1e9, 1e9)
+    response_field: str = "answer"
+    epochs: float = positive(2.0, 10**4)
+    learning_rate: float = positive(1e-3, 10)
+    batch_size: int = positive(8, 10**5)
+    max_length: int = positive(1024, 10**7)
+
+
+@dataclass(frozen=True)
 class SVDSection:
     trainable_fraction: float = _checked(1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
     factors: Literal["both", "b"] = "both"
@@ -159,6 +173,7 @@ class DistributedSection:
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    warm_start: WarmStartSection = field(default_factory=WarmStartSection)
     svd: SVDSection = field(default_factory=SVDSection)
     strategy: StrategySection = field(default_factory=StrategySection)
     data: DataSection = field(default_factory=DataSection)
@@ -255,6 +270,10 @@ def _validate(recipe: Recipe) -> None:
     if recipe.model.quantization != "none" and recipe.model.dtype == "float16" and recipe.model.device == "cpu":
         raise RecipeError(recipe.source, "model.dtype", "float16 is not supported on CPU; use float32 or auto")
     adapter = recipe.lora.adapter
+    if adapter and recipe.warm_start.method != "none":
+        raise RecipeError(recipe.source, "warm_start.method",
+                          f"{recipe.warm_start.method!r} produces the starting adapter, so it cannot be combined "
+                          "with lora.adapter; set one of them")
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise RecipeError(recipe.source, "lora.adapter",
                           f"no PEFT adapter (adapter_config.json) in directory {adapter!r}")

@@ -31,8 +31,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from essa import extras
-
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ("inference", "essa", "grpo")
 QUICK = ["strategy.population=4", "data.prompts_per_iteration=2", "generation.max_new_tokens=8",
@@ -261,7 +259,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", type=Path, help="also draw the results here (PNG)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    extras.require_for_script("bench", "scripts/bench_memory.py (TRL's GRPOTrainer)")
     overrides = (QUICK if args.quick else []) + args.overrides
     if args.worker:
         phases = Phases()

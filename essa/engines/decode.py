@@ -1,4 +1,4 @@
-"""Greedy decoding of a batch whose finished rows leave it.
+"""Decoding a batch whose finished rows leave it: greedy, or sampled at a temperature.
 
 transformers' `generate` keeps every row in the batch until the longest one ends: a finished row
 still pays for its matmuls, attention and cache growth at every later step. Its continuous
@@ -11,7 +11,9 @@ transformers' KV cache, and rows that finish are dropped from the cache, the mas
 caller's per-row state. Each row computes exactly what `generate` computes for it, so greedy
 outputs are those of `generate` (prefilling a shared prompt prefix once per candidate was
 measured 10% faster, but changes NF4 outputs on CPUs where bitsandbytes computes in bf16;
-docs/benchmarks.md).
+docs/benchmarks.md). Sampling (temperature > 0, for the warm start's best-of-k samples) draws each
+active row's next token from softmax(logits / temperature) with the caller's generator, so a seed
+gives the same samples.
 """
 
 from __future__ import annotations
@@ -39,21 +41,31 @@ def prefill(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> tuple[DynamicC
     return cache, positions[:, -1:], logits
 
 
+def pick_tokens(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """Greedy (temperature 0) or sampled next tokens; argmax over float32-cast logits is exact and
+    torch's CPU argmax over bf16 logits is 6x slower than cast + argmax."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
+
+
 @torch.no_grad()
-def greedy_decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                  stop_ids: Tensor, pad_id: int, use_rows: Callable[[Tensor], None] = lambda rows: None,
-                  on_step: Callable[[int, int], None] | None = None) -> Tensor:
-    """New tokens [rows, max_new_tokens]: each row's greedy continuation of its (left-padded) prompt up
-    to and including its first stop token, `pad_id` after it. `use_rows(index)` is called with the
-    indices of the rows in the next forward pass whenever they change; `on_step(finished rows, tokens
-    generated)` after every step, for progress."""
+def decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+           stop_ids: Tensor, pad_id: int, use_rows: Callable[[Tensor], None] = lambda rows: None,
+           on_step: Callable[[int, int], None] | None = None, temperature: float = 0.0,
+           generator: torch.Generator | None = None) -> Tensor:
+    """New tokens [rows, max_new_tokens]: each row's greedy (or, at `temperature` > 0, sampled)
+    continuation of its (left-padded) prompt up to and including its first stop token, `pad_id` after
+    it. `use_rows(index)` is called with the indices of the rows in the next forward pass whenever they
+    change; `on_step(finished rows, tokens generated)` after every step, for progress."""
     mask = attention_mask
     new = torch.full((len(input_ids), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
     cache, positions, logits = prefill(model, input_ids, mask)
     active = torch.arange(len(input_ids), device=input_ids.device)
     tokens = 0
     for step in range(max_new_tokens):
-        token = logits.float().argmax(-1)  # exact; torch's CPU argmax over bf16 logits is 6x slower than cast + argmax
+        token = pick_tokens(logits, temperature, generator)
         new[active, step] = token
         tokens += len(active)
         if on_step:

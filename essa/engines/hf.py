@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from essa.engines.attention import use_gqa_sdpa
-from essa.engines.decode import greedy_decode
+from essa.engines.decode import decode
 from essa.engines.rows import Chunking, Generation, OnChunk, OnRows, Rows, RowsOutput, generate, prompt_lengths
 from essa.svd import SVDSpace
 
@@ -108,10 +108,12 @@ def count_generated(new_tokens: Tensor, stop_ids: set[int]) -> Tensor:
 
 
 class HFEngine:
-    """Evaluate populations of candidates with one batched greedy decode per chunk of rows."""
+    """Evaluate populations of candidates with one batched decode per chunk of rows: greedy, or sampled
+    at `temperature` > 0 from a generator seeded with `seed` (the warm start's best-of-k samples)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
-                 max_new_tokens: int, batch_rows: int, batch_tokens: int = Chunking.tokens) -> None:
+                 max_new_tokens: int, batch_rows: int, batch_tokens: int = Chunking.tokens,
+                 temperature: float = 0.0, seed: int = 0) -> None:
         self.model, self.tokenizer, self.space = model, tokenizer, space
         self.max_new_tokens = max_new_tokens
         self.plan = Chunking(batch_rows, True, batch_tokens, max_new_tokens)
@@ -119,6 +121,8 @@ class HFEngine:
         self.restore_attention = use_gqa_sdpa(model)
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.lora.device)
+        self.temperature = temperature
+        self.generator = torch.Generator(self.lora.device).manual_seed(seed) if temperature else None
 
     def chunking(self, n_prompts: int) -> Chunking:
         return self.plan
@@ -130,9 +134,10 @@ class HFEngine:
         self.lora.set_rows(candidates, torch.tensor(rows.members))
         batch = self.tokenizer([prompts[j] for j in rows.prompts], return_tensors="pt", padding=True,
                                add_special_tokens=False).to(self.lora.device)
-        new = greedy_decode(self.model, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
-                            self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows,
-                            on_rows and (lambda finished, tokens: on_rows(finished, len(rows), tokens))).cpu()
+        new = decode(self.model, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
+                     self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows,
+                     on_rows and (lambda finished, tokens: on_rows(finished, len(rows), tokens)),
+                     self.temperature, self.generator).cpu()
         return RowsOutput(self.tokenizer.batch_decode(new, skip_special_tokens=True),
                           int(count_generated(new, self.stop_ids).sum()), time.perf_counter() - start)
 

@@ -119,7 +119,7 @@ OnRows = Callable[[int, int, int], None]  # within a chunk: (rows finished, rows
 def generate(engine: Engine, candidates: Tensor | np.ndarray, prompts: list[str], lengths: Sequence[int],
              on_chunk: OnChunk | None = None, on_rows: OnRows | None = None) -> Generation:
     """Every candidate on every prompt, chunk after chunk."""
-    candidates = torch.as_tensor(candidates, dtype=torch.float32).reshape(-1, engine.space.dim)
+    candidates = torch.atleast_2d(torch.as_tensor(candidates, dtype=torch.float32))  # [P, dim]; dim may be 0
     chunks = chunk_rows(len(candidates), lengths, engine.chunking(len(prompts)))
     outputs = []
     if on_chunk:

@@ -1,0 +1,211 @@
+"""The warm start: a short supervised fine-tune that produces the LoRA adapter whose singular values
+the search then evolves, as the ESSA paper starts from an SFT adapter rather than from nothing.
+
+`warm_start.method` says where the fine-tune's targets come from:
+- "reference": the dataset's own responses (the column `warm_start.response_field`, e.g. GSM8K's
+  worked solutions);
+- "rejection": where the data has none (format instructions, IFEval-style prompts), the base
+  model's own samples: `samples_per_prompt` per prompt at `temperature`, scored by the recipe's
+  reward, the best of each prompt kept when it scores above `min_reward` (rejection sampling).
+  The samples come from essa's own engine, the base model evaluated as a population of identical
+  candidates with an empty search space, because it is the fastest generator this process has.
+
+The fine-tune is TRL's `SFTTrainer` with a peft `LoraConfig` on the recipe's (quantized) base model,
+QLoRA for 4-bit models, loss on the completions only. Everything lands in <run>/warm_start/:
+samples.jsonl (every sample with its reward and whether it was kept), adapter/ (a PEFT adapter)
+and summary.json, written last, so a resumed run whose warm start finished skips it and one whose
+warm start was interrupted redoes it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from essa.data import Dataset, render
+from essa.engines.hf import HFEngine
+from essa.errors import EssaError
+from essa.evaluation import LocalEvaluator, Task
+from essa.files import remove_tree, write_text
+from essa.metrics import peak_memory_mb
+from essa.models import load_model, resolve_device
+from essa.progress import ChunkSteps, phase
+from essa.recipe import Recipe
+from essa.scoring import Scorer
+from essa.svd import SVDSpace
+
+DIR, SUMMARY, ADAPTER, SAMPLES = "warm_start", "summary.json", "adapter", "samples.jsonl"
+BASE = SVDSpace([], 1.0)  # no adapted modules: every candidate is the base model
+
+
+def enabled(recipe: Recipe) -> bool:
+    return recipe.warm_start.method != "none"
+
+
+def prompts_for(recipe: Recipe, train: Dataset) -> Dataset:
+    """The fine-tune's prompts: `warm_start.prompts` of the training split, a seeded choice."""
+    rng = np.random.default_rng([recipe.run.seed, 0x5F7])
+    return train.subset(np.sort(rng.choice(len(train), min(recipe.warm_start.prompts, len(train)), replace=False)))
+
+
+def engine(model, tokenizer, recipe: Recipe, temperature: float = 0.0) -> HFEngine:
+    gen = recipe.generation
+    return HFEngine(model, tokenizer, BASE, gen.max_new_tokens, gen.batch_rows, gen.batch_tokens, temperature,
+                    recipe.run.seed)
+
+
+def base_reward(model, tokenizer, recipe: Recipe, heldout: Dataset, scorer: Scorer, console: Console) -> float:
+    """The base model's held-out reward (greedy), so a run shows what the warm start itself adds."""
+    evaluator = LocalEvaluator(engine(model, tokenizer, recipe), scorer)
+    try:
+        with ChunkSteps(console, "base model held-out chunks", bar=False) as progress:
+            evaluation = evaluator.evaluate(np.zeros((1, 0)), Task.of(tokenizer, heldout, recipe.data),
+                                            on_chunk=progress, on_rows=progress.rows)
+    finally:
+        evaluator.close()
+    return float(evaluation.scores.mean())
+
+
+def best_of_k(model, tokenizer, recipe: Recipe, data: Dataset, scorer: Scorer,
+              console: Console) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Sample k completions per prompt, score them, keep each prompt's best above `min_reward`."""
+    cfg = recipe.warm_start
+    task = Task.of(tokenizer, data, recipe.data)
+    evaluator = LocalEvaluator(engine(model, tokenizer, recipe, cfg.temperature), scorer)
+    try:
+        with ChunkSteps(console, "warm start samples", bar=False) as progress:
+            evaluation = evaluator.evaluate(np.zeros((cfg.samples_per_prompt, 0)), task, keep_texts=True,
+                                            on_chunk=progress, on_rows=progress.rows)
+    finally:
+        evaluator.close()
+    scores, texts = evaluation.scores, evaluation.completions
+    best = scores.argmax(0)  # the first of equal bests
+    rows = [{"prompt": task.prompts[j], "rendered": task.rendered[j], "sample": i, "completion": texts[i][j],
+             "reward": float(scores[i, j]), "kept": bool(i == best[j] and scores[i, j] > cfg.min_reward)}
+            for j in range(len(task.prompts)) for i in range(len(scores))]
+    stats = {"sample_reward": float(scores.mean()), "best_of_k_reward": float(scores.max(0).mean()),
+             "reward_failures": evaluation.failures, "seconds_sampling": evaluation.seconds}
+    return rows, stats
+
+
+def references(recipe: Recipe, data: Dataset, tokenizer) -> list[dict[str, Any]]:
+    """The dataset's own responses as targets; rows without one are left out."""
+    field = recipe.warm_start.response_field
+    rendered = render(tokenizer, data.prompts(), recipe.data)
+    return [{"prompt": row[data.prompt_field], "rendered": text, "completion": str(row[field]), "kept": True}
+            for row, text in zip(data.rows, rendered) if row.get(field) not in (None, "")]
+
+
+def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out: Path,
+              console: Console) -> dict[str, float]:
+    """TRL's SFTTrainer with a fresh LoRA on the prompt/completion pairs; the adapter goes to `out`."""
+    from datasets import Dataset as HFDataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    cfg, lora = recipe.warm_start, recipe.lora
+    steps = math.ceil(cfg.epochs * math.ceil(len(rows) / cfg.batch_size))
+
+    class Lines(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                console.print(f"warm start fine-tune {state.global_step}/{steps}  loss {logs['loss']:.4f}  "
+                              f"elapsed {time.perf_counter() - start:.0f} s", highlight=False)
+
+    cuda = resolve_device(recipe.model.device).type == "cuda"
+    args = SFTConfig(output_dir=str(out.parent / "trainer"), num_train_epochs=cfg.epochs,
+                     per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                     lr_scheduler_type="constant", max_length=cfg.max_length, seed=recipe.run.seed,
+                     # Memory matters for multi-billion models on a GPU; on a CPU the models are small and
+                     # recomputing activations would only cost time.
+                     gradient_checkpointing=cuda, bf16=cuda, use_cpu=not cuda, save_strategy="no",
+                     logging_steps=1, report_to=[], disable_tqdm=True, dataloader_num_workers=0)
+    peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, target_modules=lora.target_modules,
+                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    data = HFDataset.from_list([{"prompt": r["rendered"], "completion": r["completion"]} for r in rows])
+    start = time.perf_counter()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[Lines()])
+    trainer.remove_callback(PrinterCallback)  # its raw dicts repeat what Lines says
+    result = trainer.train()
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    os.replace(tmp, out)
+    shutil.rmtree(out.parent / "trainer", ignore_errors=True)
+    return {"sft_steps": trainer.state.global_step, "sft_train_loss": float(result.training_loss),
+            "seconds_fine_tune": time.perf_counter() - start}
+
+
+def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_dir: Path, resume: bool,
+        console: Console) -> tuple[Path, dict[str, Any]]:
+    """The warm start's adapter directory and summary, made now or, on a resume, before."""
+    root = run_dir / DIR
+    done = root / SUMMARY
+    adapter = root / ADAPTER
+    if resume and done.is_file():
+        console.print(f"warm start: done before, using {adapter}")
+        return adapter, json.loads(done.read_text())
+    if root.exists():
+        remove_tree(root)
+    root.mkdir(parents=True)
+    start = time.perf_counter()
+    with phase(console, "warm start: loading the model"):
+        model, tokenizer = load_model(recipe.model)
+    summary: dict[str, Any] = {"method": recipe.warm_start.method}
+    with phase(console, f"warm start: evaluating the base model on {len(heldout)} held-out prompts"):
+        summary["base_heldout_reward"] = base_reward(model, tokenizer, recipe, heldout, scorer, console)
+    console.print(f"held-out reward of the base model: {summary['base_heldout_reward']:.4f}")
+    data = prompts_for(recipe, train)
+    if recipe.warm_start.method == "rejection":
+        k = recipe.warm_start.samples_per_prompt
+        with phase(console, f"warm start: sampling {k} completions for each of {len(data)} prompts"):
+            samples, stats = best_of_k(model, tokenizer, recipe, data, scorer, console)
+        summary |= stats
+        console.print(f"warm start samples: mean reward {stats['sample_reward']:.4f}, best of {k} "
+                      f"{stats['best_of_k_reward']:.4f}")
+    else:
+        samples = references(recipe, data, tokenizer)
+    # The fine-tune gets a model of its own: bitsandbytes repacks 4-bit weights for its CPU inference
+    # kernel at the first forward in eval mode, and that kernel has no backward, so gradients through
+    # the frozen layers of a model that has generated are wrong (torch warns "an autograd kernel was
+    # not registered").
+    del model
+    gc.collect()
+    write_text(root / SAMPLES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+    kept = [r for r in samples if r["kept"]]
+    if not kept:
+        raise nothing_to_learn(recipe, root / SAMPLES)
+    summary["examples"] = len(kept)
+    with phase(console, f"warm start: fine-tuning a rank-{recipe.lora.rank} LoRA on {len(kept)} examples"):
+        model, tokenizer = load_model(recipe.model)
+        summary |= fine_tune(model.train(), tokenizer, recipe, kept, adapter, console)
+    del model
+    gc.collect()
+    summary |= {"seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb()}
+    write_text(done, json.dumps(summary, indent=1))
+    return adapter, summary
+
+
+def nothing_to_learn(recipe: Recipe, samples: Path) -> EssaError:
+    cfg = recipe.warm_start
+    if cfg.method == "rejection":
+        return EssaError(f"warm_start: no sample scored above warm_start.min_reward = {cfg.min_reward:g} "
+                         f"(see {samples}); lower min_reward, raise samples_per_prompt or temperature")
+    return EssaError(f"warm_start.response_field: no training row has a non-empty {cfg.response_field!r}")
+
+
+def searched(raw: dict, adapter: Path) -> dict:
+    """The recipe the search runs after a warm start: its adapter as `lora.adapter`, the warm start done
+    (what a Ray worker or a resumed engine is built from)."""
+    return raw | {"lora": raw.get("lora", {}) | {"adapter": str(adapter)}, "warm_start": {"method": "none"}}

@@ -1,0 +1,146 @@
+"""The warm start (essa/warm_start.py) on the tiny random model: sampled decoding, best-of-k targets,
+TRL's fine-tune, the search space built from its adapter, resume, and bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from essa.adapter_files import read_peft_adapter
+from essa.cli import main
+from essa.engines import HFEngine
+from essa.models import load_tokenizer
+from essa.svd import SVDSpace
+from tests.conftest import PROMPTS
+
+# A reward that prefers longer answers, so the best of k samples is well defined on a random model.
+REWARDS = """
+def length(prompts, completions, **_):
+    return [min(1.0, len(c) / 40) for c in completions]
+
+def zero(prompts, completions, **_):
+    return [0.0] * len(completions)
+"""
+WARM = {"method": "rejection", "prompts": 4, "samples_per_prompt": 3, "temperature": 1.0, "epochs": 1.0,
+        "batch_size": 2, "learning_rate": 0.01}
+
+
+def sample(model, tokenizer, temperature: float, seed: int) -> list[str]:
+    engine = HFEngine(model, tokenizer, SVDSpace([], 1.0), max_new_tokens=8, batch_rows=16,
+                      temperature=temperature, seed=seed)
+    try:
+        return engine.generate(torch.zeros(2, 0), PROMPTS).completions[0] + \
+            engine.generate(torch.zeros(2, 0), PROMPTS).completions[1]
+    finally:
+        engine.close()
+
+
+def test_sampling_is_seeded_and_temperature_zero_is_greedy(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    greedy = sample(model, tokenizer, 0.0, 0)
+    assert sample(model, tokenizer, 0.0, 1) == greedy
+    first, again, other = (sample(model, tokenizer, 1.5, seed) for seed in (0, 0, 1))
+    assert first == again, "the same seed must give the same samples"
+    assert first != other and first != greedy
+
+
+@pytest.fixture(scope="module")
+def warm_run(tmp_path_factory, tiny_model_dir):
+    from tests.conftest import write_recipe
+
+    tmp = tmp_path_factory.mktemp("warm")
+    (tmp / "rewards.py").write_text(REWARDS)
+    recipe = write_recipe(tmp / "recipe.toml", tiny_model_dir, warm_start=WARM,
+                          reward={"name": f"{tmp / 'rewards.py'}:length"}, run={"iterations": 2, "eval_every": 1})
+    assert main(["align", str(recipe), "--out", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+def test_best_of_k_samples_are_the_targets(warm_run):
+    rows = [json.loads(line) for line in (warm_run / "warm_start" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 3 and len({r["prompt"] for r in rows}) == 4
+    for prompt in {r["prompt"] for r in rows}:
+        mine = [r for r in rows if r["prompt"] == prompt]
+        kept = [r for r in mine if r["kept"]]
+        assert len(kept) == 1 and kept[0]["reward"] == max(r["reward"] for r in mine)
+        assert kept[0]["rendered"].endswith("<|im_start|>assistant\n")  # what the engine's prompts look like
+    assert len({r["completion"] for r in rows}) > 4, "k samples of a prompt should differ"
+
+
+def test_search_starts_from_the_fine_tuned_adapter(warm_run):
+    config, weights = read_peft_adapter(warm_run / "warm_start" / "adapter")
+    assert config["r"] == 2 and all(torch.count_nonzero(b) for _, b in weights.values()), "B must have trained"
+    space = SVDSpace.load(warm_run / "space.safetensors")
+    for module in space.modules:
+        a, b = weights[module.name]
+        torch.testing.assert_close(module.a.matrix(module.a.s).float(), a.float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(module.b.matrix(module.b.s).float(), b.float(), rtol=1e-4, atol=1e-5)
+    summary = json.loads((warm_run / "summary.json").read_text())
+    warm = summary["warm_start"]
+    assert warm["method"] == "rejection" and warm["examples"] == 4 and warm["sft_steps"] == 2
+    assert 0 <= warm["base_heldout_reward"] <= 1 and warm["best_of_k_reward"] >= warm["sample_reward"]
+    assert warm["seconds"] > 0 and warm["peak_memory_mb"] > 0
+
+
+def test_resume_keeps_a_finished_warm_start(warm_run, capsys):
+    before = (warm_run / "warm_start" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(["align", "--resume", "--out", str(warm_run), "--set", "run.iterations=3"]) == 0
+    assert "warm start: done before" in capsys.readouterr().out
+    assert (warm_run / "warm_start" / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    assert json.loads((warm_run / "summary.json").read_text())["iterations"] == 3
+
+
+def test_reference_responses_are_the_targets(tiny_recipe, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "answer": f"Answer {i}."}) + "\n"
+                            for i in range(12)))
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    recipe = tiny_recipe(data={"source": str(data), "train_size": 8, "heldout_size": 2, "prompts_per_iteration": 2},
+                         reward={"name": f"{tmp_path / 'rewards.py'}:length"},
+                         warm_start={"method": "reference", "prompts": 4, "epochs": 1.0, "batch_size": 4},
+                         run={"iterations": 1, "eval_every": 1})
+    assert main(["align", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "warm_start" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["kept"] and r["completion"] == f"Answer {r['prompt'][9:-1]}." for r in rows)
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"warm_start": {"method": "rejection"}, "lora": {"adapter": "ADAPTER"}},
+     "warm_start.method: 'rejection' produces the starting adapter, so it cannot be combined with lora.adapter"),
+    ({"warm_start": {"method": "reference", "response_field": "solution"}},
+     "warm_start.response_field: the training data has no column 'solution'"),
+    ({"warm_start": {**WARM, "min_reward": 0.0}, "reward": {"name": "REWARDS:zero"}},
+     "warm_start: no sample scored above warm_start.min_reward = 0"),
+])
+def test_bad_warm_start_is_one_line(tiny_recipe, tmp_path, capsys, finished_adapter, sections, message):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    if "lora" in sections:
+        sections["lora"] = {"adapter": str(finished_adapter)}
+    if sections.get("reward", {}).get("name", "").startswith("REWARDS"):
+        sections["reward"] = {"name": f"{tmp_path / 'rewards.py'}:zero"}
+    assert main(["align", str(tiny_recipe(**sections)), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not list((tmp_path / "run" / "checkpoints").glob("iter-*"))
+
+
+@pytest.fixture
+def finished_adapter(warm_run) -> Path:
+    return warm_run / "warm_start" / "adapter"
+
+
+def test_warm_start_prompts_are_a_seeded_choice(tiny_recipe):
+    from essa.data import Dataset
+    from essa.recipe import load
+    from essa.warm_start import prompts_for
+
+    train = Dataset([{"prompt": f"p{i}"} for i in range(50)], "prompt")
+    recipe = load(tiny_recipe(warm_start={"prompts": 10}), [])
+    first, again = prompts_for(recipe, train).prompts(), prompts_for(recipe, train).prompts()
+    other = prompts_for(load(tiny_recipe(warm_start={"prompts": 10}, run={"seed": 1}), []), train).prompts()
+    assert first == again and len(set(first)) == 10 and first != other
+    assert np.array_equal(sorted(first, key=lambda p: int(p[1:])), first)
