@@ -55,13 +55,13 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name.strip(), overrides.split()
 
 
-def run_one(recipe: Path, overrides: list[str], out: Path, record: Path | None = None) -> list[dict]:
-    """The metrics rows of one finished run: from its committed record when there is one for these
-    overrides, else from `essa align` in `out` (resumed where a killed run left it), then recorded."""
+def run_one(recipe: Path, overrides: list[str], out: Path, record: Path | None = None) -> tuple[list[dict], dict]:
+    """The metrics rows and summary of one finished run: from its committed record when there is one for
+    these overrides, else from `essa align` in `out` (resumed where a killed run left it), then recorded."""
     if record is not None and record.exists():
         saved = json.loads(record.read_text())
         if saved["overrides"] == overrides:
-            return saved["rows"]
+            return saved["rows"], saved["summary"]
     metrics = out / "metrics.jsonl"
     if not (out / "summary.json").exists():
         resume = ["--resume"] if (out / "checkpoints").exists() else []
@@ -71,13 +71,13 @@ def run_one(recipe: Path, overrides: list[str], out: Path, record: Path | None =
         if essa(argv) != 0:
             raise SystemExit(f"essa align failed for {out}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
     if record is not None:
         # Committed as each run finishes, so a campaign continues in a later session (runs/ is not kept).
         record.parent.mkdir(parents=True, exist_ok=True)
-        summary = json.loads((out / "summary.json").read_text())
         record.write_text(json.dumps({"overrides": overrides, "cpu": cpu_model(), "summary": summary,
                                       "rows": rows}, indent=1))
-    return rows
+    return rows, summary
 
 
 
@@ -104,7 +104,7 @@ def plot(results: dict, path: Path, title: str) -> None:
         steps = min(len(c) for c in curves)
         for ax, key in zip(axes, ("sequences", "seconds")):
             x = [statistics.mean(c[i][key] for c in curves) for i in range(steps)]
-            y = [[c[i]["heldout_reward"] - c[0]["heldout_reward"] for c in curves] for i in range(steps)]
+            y = [[r["curve"][i]["heldout_reward"] - r["base"] for r in runs] for i in range(steps)]
             line, = ax.plot(x, [statistics.mean(v) for v in y], marker="o", label=name)
             ax.fill_between(x, [min(v) for v in y], [max(v) for v in y], color=line.get_color(), alpha=0.15)
     axes[0].set_xlabel("generated sequences (training)")
@@ -151,25 +151,29 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = []
         for seed in seeds:
             record = args.record / name / f"seed-{seed}.json" if args.record else None
-            rows = run_one(args.recipe, settings + [f"run.seed={seed}"], args.out / name / f"seed-{seed}", record)
-            results[name].append({"seed": seed, "iterations": iterations, "curve": curve(rows)})
+            rows, run = run_one(args.recipe, settings + [f"run.seed={seed}"], args.out / name / f"seed-{seed}", record)
+            points = curve(rows)
+            # With a warm start, the search starts from the fine-tuned adapter: gains count from the base model.
+            base = run.get("warm_start", {}).get("base_heldout_reward", points[0]["heldout_reward"])
+            results[name].append({"seed": seed, "iterations": iterations, "base": base, "curve": points})
 
-    # The held-out prompts depend on the run seed, so gains are taken per seed against its own start.
-    print(f"\n{'variant':12s} {'iterations':>10s} {'initial':>8s} {'final':>8s} {'gain (mean ± sd)':>18s} "
-          f"{'best gain':>9s} {'seconds':>8s}")
+    # The held-out prompts depend on the run seed, so gains are taken per seed against its own base model.
+    print(f"\n{'variant':12s} {'iterations':>10s} {'base':>8s} {'initial':>8s} {'final':>8s} "
+          f"{'gain (mean ± sd)':>18s} {'best gain':>9s} {'seconds':>8s}")
     summary = {}
     for name, runs in results.items():
+        base = spread([r["base"] for r in runs])
         initial = spread([r["curve"][0]["heldout_reward"] for r in runs])
         final = spread([r["curve"][-1]["heldout_reward"] for r in runs])
-        gain = spread([r["curve"][-1]["heldout_reward"] - r["curve"][0]["heldout_reward"] for r in runs])
-        best_gain = statistics.mean(max(p["heldout_reward"] for p in r["curve"]) - r["curve"][0]["heldout_reward"]
-                                    for r in runs)
+        gain = spread([r["curve"][-1]["heldout_reward"] - r["base"] for r in runs])
+        best_gain = statistics.mean(max(p["heldout_reward"] for p in r["curve"]) - r["base"] for r in runs)
         seconds = spread([r["curve"][-1]["seconds"] for r in runs])
-        summary[name] = {"initial_mean": initial[0], "final_mean": final[0], "final_sd": final[1],
+        summary[name] = {"base_mean": base[0], "initial_mean": initial[0], "final_mean": final[0],
+                         "final_sd": final[1],
                          "gain_mean": gain[0], "gain_sd": gain[1], "best_gain_mean": best_gain,
                          "seconds_mean": seconds[0], "iterations": runs[0]["iterations"]}
-        print(f"{name:12s} {runs[0]['iterations']:>10d} {initial[0]:8.4f} {final[0]:8.4f} {gain[0]:+10.4f} ± "
-              f"{gain[1]:.4f} {best_gain:+9.4f} {seconds[0]:8.1f}")
+        print(f"{name:12s} {runs[0]['iterations']:>10d} {base[0]:8.4f} {initial[0]:8.4f} {final[0]:8.4f} "
+              f"{gain[0]:+10.4f} ± {gain[1]:.4f} {best_gain:+9.4f} {seconds[0]:8.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "strategies.png", f"{args.recipe.name}: {len(seeds)} seeds, {budget} sequences")
     report = {"recipe": str(args.recipe), "overrides": overrides, "variants": variants, "budget": budget,
