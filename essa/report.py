@@ -118,6 +118,18 @@ def _instruction_table(base: list[dict], best: list[dict]) -> str:
             f"<th class=num>initial</th><th class=num>best center</th></tr>{body}</table>")
 
 
+def _warm_start(run_dir: Path, held: list[dict]) -> str:
+    """The warm start's line: what the base model scored, what the fine-tune made of it, and its cost."""
+    path = run_dir / "warm_start" / "summary.json"
+    if not path.is_file():
+        return ""
+    warm = json.loads(path.read_text())
+    after = f" → {held[0]['heldout_reward']:.4f} after it" if held else ""
+    return (f"<p id=warm-start>warm start ({html.escape(warm['method'])}): held-out reward of the base model "
+            f"{warm['base_heldout_reward']:.4f}{after}; {warm['examples']} examples, {warm['sft_steps']} "
+            f"fine-tune steps, {warm['seconds']:.0f} s, peak memory {warm['peak_memory_mb']:.0f} MB</p>")
+
+
 def render(run_dir: Path) -> str:
     recipe_path, metrics_path = run_dir / RECIPE_FILE, run_dir / METRICS_FILE
     if not recipe_path.is_file() or not metrics_path.is_file():
@@ -135,6 +147,7 @@ def render(run_dir: Path) -> str:
     sections = [f"<h1>essa run: {html.escape(run_dir.name)}</h1>",
                 f"<p>{html.escape(summary)}; {len(rows) - 1} iterations in metrics.jsonl"
                 + (f"; best center at iteration {best_at}" if best_at is not None else "") + "</p>",
+                _warm_start(run_dir, held),
                 f"<div class=charts>{charts}</div>"]
     if base and best:
         sections += ["<h2>Held-out completions: initial adapter and best center</h2>",

@@ -117,3 +117,22 @@ def test_task_recipes_run_small_and_evaluate(tmp_path, name, needs, metrics, tes
     for side in ("base", "adapter"):
         assert metrics <= results[side].keys()
         assert all(0 <= results[side][m] <= 1 for m in metrics)
+
+
+def test_warm_start_on_the_bundled_model_then_search(tmp_path):
+    """The warm start's QLoRA fine-tune on the NF4 model: a peft adapter, the base model's held-out reward
+    beside the fine-tuned one, and the search running on that adapter's singular values."""
+    run = tmp_path / "warm"
+    argv = ["align", "--out", str(run), "--set", "warm_start.method=rejection", "--set", "warm_start.prompts=4",
+            "--set", "warm_start.samples_per_prompt=2", "--set", "warm_start.epochs=1", "--set",
+            "warm_start.batch_size=4", "--set", "warm_start.min_reward=-1", "--set", "strategy.sigma=0.01"]
+    for item in SMALL:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    warm = json.loads((run / "summary.json").read_text())["warm_start"]
+    assert warm["examples"] == 4 and warm["sft_steps"] == 1 and 0 <= warm["base_heldout_reward"] <= 1
+    adapter = run / "warm_start" / "adapter"
+    recipe = load_run(run, "final").recipe
+    model = PeftModel.from_pretrained(load_model(recipe.model)[0], str(adapter))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 30 * 4 and all(torch.count_nonzero(p) for p in lora_b), "every B must have trained"

@@ -144,3 +144,12 @@ def test_warm_start_prompts_are_a_seeded_choice(tiny_recipe):
     other = prompts_for(load(tiny_recipe(warm_start={"prompts": 10}, run={"seed": 1}), []), train).prompts()
     assert first == again and len(set(first)) == 10 and first != other
     assert np.array_equal(sorted(first, key=lambda p: int(p[1:])), first)
+
+
+def test_report_shows_the_warm_start(warm_run):
+    from essa.report import render
+
+    warm = json.loads((warm_run / "warm_start" / "summary.json").read_text())
+    page = render(warm_run)
+    assert f"held-out reward of the base model {warm['base_heldout_reward']:.4f}" in page
+    assert f"{warm['examples']} examples, {warm['sft_steps']} fine-tune steps" in page
