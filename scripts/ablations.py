@@ -9,7 +9,7 @@ Each ablation is one scripts/compare_strategies.py comparison (same seeds, resum
 --out/NAME) and gets one table (final held-out reward, mean ± sd and min-max over seeds) and one
 plot (final held-out reward per setting).
 
-    python scripts/ablations.py [--recipe recipes/quickstart.toml] [--only quantization,population]
+    python scripts/ablations.py [--recipe recipes/format-instructions.toml] [--only quantization,population]
         [--settings none,int8,nf4,4,8,16,32] [--seeds 0,1,2] [--budget 1024] [--set KEY=VALUE ...]
         [--out runs/ablations] [--json FILE] [--quick]
 """
@@ -65,7 +65,7 @@ def plot(name: str, report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", type=Path, default=compare_strategies.recipes.bundled("quickstart"))
+    parser.add_argument("--recipe", type=Path, default=compare_strategies.recipes.bundled("format-instructions"))
     parser.add_argument("--only", default=",".join(ABLATIONS), help="which ablations to run")
     parser.add_argument("--settings", default="", help="run only these settings (default: all), e.g. none,nf4,8,16")
     parser.add_argument("--seeds", default="0,1,2")

@@ -11,7 +11,7 @@ is loaded, the work's peak RSS and what it adds to the loaded model, the process
 GPU the same for `torch.cuda.max_memory_allocated`. And where each peak comes from: the peak RSS
 of each phase (loading, SVD, generation, GRPO's log-probabilities and backward), sampled every 20 ms.
 
-    python scripts/bench_memory.py [--recipe recipes/quickstart.toml] [--set KEY=VALUE ...] [--quick] [--json out.json]
+    python scripts/bench_memory.py [--recipe recipes/format-instructions.toml] [--set KEY=VALUE ...] [--quick] [--json out.json]
         [--plot out.png]
 """
 
@@ -251,7 +251,7 @@ def plot(results: dict[str, dict], title: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "quickstart.toml")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "format-instructions.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, as for essa align")
     parser.add_argument("--quick", action="store_true", help=f"also set {' '.join(QUICK)}")

@@ -101,7 +101,7 @@ def model(name: str, params_b: float, gpus: list[int], gpu: dict, update_s: floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=str(recipes.bundled("quickstart")))
+    parser.add_argument("--recipe", default=str(recipes.bundled("format-instructions")))
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--batch-rows", type=int, default=16, help="the quickstart's 8 x 8 rows / 16: 4 chunks")
     parser.add_argument("--gpu", default='{"name": "H100 SXM", "bandwidth_tb_s": 3.35, "tflops": 989, "mfu": 0.4}',

@@ -17,7 +17,7 @@ Reported: held-out reward against training seconds (plot), finals per seed with 
 seconds each method needs to reach the better final and GRPO's final, peak RSS, test metrics.
 Each run is its own process; finished runs are reused when the command is repeated with the same --out.
 
-    python scripts/compare_grpo.py [--recipe recipes/quickstart.toml] [--learning-rates 3e-3,1e-2,3e-2]
+    python scripts/compare_grpo.py [--recipe recipes/format-instructions.toml] [--learning-rates 3e-3,1e-2,3e-2]
         [--prompts-per-step 1,8] [--seeds 0,1,2] [--evals 8] [--test "KEY=VALUE ..."] [--grpo-vllm]
         [--set KEY=VALUE ...] [--quick] [--out runs/compare-grpo] [--json PATH]
 """
@@ -187,7 +187,7 @@ def config_name(config: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "quickstart.toml")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "format-instructions.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, for both methods")
     parser.add_argument("--learning-rates", default="3e-3,1e-2,3e-2", help="GRPO learning-rate sweep")

@@ -6,7 +6,7 @@ generated sequences (candidates × prompts per iteration: ESSAM evaluates two po
 iteration and a larger population sees as many sequences in fewer iterations, so they get fewer
 iterations). Prints mean and spread across seeds, writes a JSON file and a PNG plot.
 
-    python scripts/compare_strategies.py [--recipe recipes/quickstart.toml] [--seeds 0,1,2] \\
+    python scripts/compare_strategies.py [--recipe recipes/format-instructions.toml] [--seeds 0,1,2] \\
         [--budget 1024] [--strategies es,cma,essam,essam-fast] [--set KEY=VALUE ...] \\
         [--variant "NAME: KEY=VALUE KEY=VALUE" ...] [--out runs/compare-strategies] [--json FILE] [--quick]
 
@@ -119,7 +119,7 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", type=Path, default=recipes.bundled("quickstart"))
+    parser.add_argument("--recipe", type=Path, default=recipes.bundled("format-instructions"))
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--variant", dest="variants", action="append", default=[], metavar='"NAME: KEY=VALUE ..."',
                         help="a named set of recipe overrides to compare instead of --strategies (repeatable)")

@@ -19,18 +19,31 @@ pytestmark = pytest.mark.integration
 
 SMALL = ["run.iterations=2", "run.eval_every=1", "strategy.population=4", "data.prompts_per_iteration=2",
          "data.heldout_size=3", "generation.max_new_tokens=12"]
+# The quickstart's warm start, small: 4 prompts × 2 samples, one fine-tune step (a large one, so that
+# the adapter moves the logits well beyond bf16 rounding).
+WARM_SMALL = ["warm_start.prompts=4", "warm_start.samples_per_prompt=2", "warm_start.epochs=1",
+              "warm_start.batch_size=4", "warm_start.min_reward=-1", "warm_start.learning_rate=0.05"]
 
 
 def test_quickstart_runs_and_its_adapter_reloads_in_peft(tmp_path, smollm2_dir):
+    """The quickstart as shipped, small: the warm start's QLoRA fine-tune on the NF4 model, the search on
+    its adapter's singular values, an export that peft loads."""
     run = tmp_path / "quickstart"
     argv = ["align", "--out", str(run)]
-    for item in SMALL:
+    for item in SMALL + WARM_SMALL:
         argv += ["--set", item]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[2]["generated_tokens"] > 0
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["final_heldout_reward"] <= 1
+    warm = summary["warm_start"]
+    assert warm["method"] == "rejection" and warm["examples"] == 4 and warm["sft_steps"] == 1
+    assert 0 <= warm["base_heldout_reward"] <= 1
+    base_model = load_model(load_run(run, "final").recipe.model)[0]
+    sft = PeftModel.from_pretrained(base_model, str(run / "warm_start" / "adapter"))
+    lora_b = [p for n, p in sft.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 30 * 4 and all(torch.count_nonzero(p) for p in lora_b), "every B must have trained"
 
     adapter = tmp_path / "adapter"
     assert main(["export", str(run), "--adapter", str(adapter), "--center", "final"]) == 0
@@ -71,7 +84,8 @@ def test_quickstart_runs_and_its_adapter_reloads_in_peft(tmp_path, smollm2_dir):
 
 def test_int8_quickstart_iteration_and_merged_export(tmp_path):
     run = tmp_path / "int8"
-    argv = ["align", str(recipes.bundled("quickstart")), "--out", str(run), "--set", "model.quantization=int8"]
+    argv = ["align", str(recipes.bundled("format-instructions")), "--out", str(run), "--set",
+            "model.quantization=int8"]
     for item in SMALL:
         argv += ["--set", item]
     assert main(argv + ["--set", "run.iterations=1"]) == 0
@@ -118,21 +132,3 @@ def test_task_recipes_run_small_and_evaluate(tmp_path, name, needs, metrics, tes
         assert metrics <= results[side].keys()
         assert all(0 <= results[side][m] <= 1 for m in metrics)
 
-
-def test_warm_start_on_the_bundled_model_then_search(tmp_path):
-    """The warm start's QLoRA fine-tune on the NF4 model: a peft adapter, the base model's held-out reward
-    beside the fine-tuned one, and the search running on that adapter's singular values."""
-    run = tmp_path / "warm"
-    argv = ["align", "--out", str(run), "--set", "warm_start.method=rejection", "--set", "warm_start.prompts=4",
-            "--set", "warm_start.samples_per_prompt=2", "--set", "warm_start.epochs=1", "--set",
-            "warm_start.batch_size=4", "--set", "warm_start.min_reward=-1", "--set", "strategy.sigma=0.01"]
-    for item in SMALL:
-        argv += ["--set", item]
-    assert main(argv) == 0
-    warm = json.loads((run / "summary.json").read_text())["warm_start"]
-    assert warm["examples"] == 4 and warm["sft_steps"] == 1 and 0 <= warm["base_heldout_reward"] <= 1
-    adapter = run / "warm_start" / "adapter"
-    recipe = load_run(run, "final").recipe
-    model = PeftModel.from_pretrained(load_model(recipe.model)[0], str(adapter))
-    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert len(lora_b) == 30 * 4 and all(torch.count_nonzero(p) for p in lora_b), "every B must have trained"
