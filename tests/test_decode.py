@@ -56,3 +56,18 @@ def test_engine_with_rows_leaving_equals_peft_per_member(tiny_model_dir):
     for member, candidate in enumerate(candidates):
         peft = peft_model(tiny_model_dir, space, candidate, torch.float64)
         assert gen.completions[member] == greedy(peft, tokenizer, CHAT, 8), f"member {member}"
+
+
+def test_alike_rows_prefill_each_distinct_prompt_once(tiny_model_dir):
+    """k copies of a prompt under one model: one prefill per distinct prompt, the same tokens as without."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = [p for p in CHAT for _ in range(3)]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    args = (model, batch["input_ids"], batch["attention_mask"], 10, torch.tensor([tokenizer.eos_token_id]),
+            tokenizer.pad_token_id)
+    seen = []
+    alike = decode(*args, use_rows=lambda index: seen.append(index.tolist()), rows_alike=True)
+    assert sorted(seen[0]) == [3 * i for i in range(len(CHAT))], "the prefill runs the first row of each prompt"
+    assert seen[1] == list(range(len(prompts)))
+    assert torch.equal(alike, decode(*args))

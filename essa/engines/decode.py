@@ -33,8 +33,28 @@ def last_logits(model: PreTrainedModel, ids: Tensor, mask: Tensor, positions: Te
                  logits_to_keep=last).logits[:, -1]
 
 
-def prefill(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> tuple[DynamicCache, Tensor, Tensor]:
-    """(cache, last position ids, last logits) for left-padded prompts."""
+def distinct_rows(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(first row of each distinct prompt, which of them each row is)."""
+    _, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    rows = torch.arange(len(ids), device=ids.device)
+    first = torch.full((int(inverse.max()) + 1,), len(ids), device=ids.device).scatter_reduce_(0, inverse, rows, "amin")
+    return first, inverse
+
+
+def prefill(model: PreTrainedModel, ids: Tensor, mask: Tensor, use_rows: Callable[[Tensor], None] = lambda rows: None,
+            rows_alike: bool = False) -> tuple[DynamicCache, Tensor, Tensor]:
+    """(cache, last position ids, last logits) for left-padded prompts. With `rows_alike` (every row
+    computes the same function of its prompt, as k samples of one model do), each distinct prompt is
+    prefilled once and its cache copied to its rows: prefill costs about as much as all the decode
+    steps of a 48-token answer, so best-of-8 sampling pays it once instead of 8 times."""
+    if rows_alike:
+        first, inverse = distinct_rows(ids)
+        if len(first) < len(ids):
+            use_rows(first)
+            cache, positions, logits = prefill(model, ids[first], mask[first])
+            cache.batch_select_indices(inverse)
+            use_rows(torch.arange(len(ids), device=ids.device))
+            return cache, positions[inverse], logits[inverse]
     cache = DynamicCache(config=model.config)
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     logits = last_logits(model, ids, mask, positions, cache)
@@ -54,14 +74,15 @@ def pick_tokens(logits: Tensor, temperature: float, generator: torch.Generator |
 def decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
            stop_ids: Tensor, pad_id: int, use_rows: Callable[[Tensor], None] = lambda rows: None,
            on_step: Callable[[int, int], None] | None = None, temperature: float = 0.0,
-           generator: torch.Generator | None = None) -> Tensor:
+           generator: torch.Generator | None = None, rows_alike: bool = False) -> Tensor:
     """New tokens [rows, max_new_tokens]: each row's greedy (or, at `temperature` > 0, sampled)
     continuation of its (left-padded) prompt up to and including its first stop token, `pad_id` after
     it. `use_rows(index)` is called with the indices of the rows in the next forward pass whenever they
-    change; `on_step(finished rows, tokens generated)` after every step, for progress."""
+    change; `on_step(finished rows, tokens generated)` after every step, for progress. `rows_alike`:
+    see `prefill`."""
     mask = attention_mask
     new = torch.full((len(input_ids), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
-    cache, positions, logits = prefill(model, input_ids, mask)
+    cache, positions, logits = prefill(model, input_ids, mask, use_rows, rows_alike)
     active = torch.arange(len(input_ids), device=input_ids.device)
     tokens = 0
     for step in range(max_new_tokens):

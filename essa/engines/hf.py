@@ -131,13 +131,15 @@ class HFEngine:
     def generate_rows(self, candidates: Tensor, prompts: list[str], rows: Rows,
                       on_rows: OnRows | None = None) -> RowsOutput:
         start = time.perf_counter()
-        self.lora.set_rows(candidates, torch.tensor(rows.members))
+        members = torch.tensor(rows.members)
+        self.lora.set_rows(candidates, members)
+        chosen = candidates[members]
         batch = self.tokenizer([prompts[j] for j in rows.prompts], return_tensors="pt", padding=True,
                                add_special_tokens=False).to(self.lora.device)
         new = decode(self.model, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
                      self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows,
                      on_rows and (lambda finished, tokens: on_rows(finished, len(rows), tokens)),
-                     self.temperature, self.generator).cpu()
+                     self.temperature, self.generator, rows_alike=bool((chosen == chosen[:1]).all())).cpu()
         return RowsOutput(self.tokenizer.batch_decode(new, skip_special_tokens=True),
                           int(count_generated(new, self.stop_ids).sum()), time.perf_counter() - start)
 
