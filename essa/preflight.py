@@ -25,6 +25,7 @@ from essa.scoring import Scorer
 from essa.svd import SVDSpace, find_targets
 
 SPACE_FILE, RECIPE_FILE, METRICS_FILE, CHECKPOINTS = "space.safetensors", "recipe.json", "metrics.jsonl", "checkpoints"
+WARM_START_SUMMARY = "warm_start/summary.json"  # written last by essa/warm_start.py; the report reads it
 
 
 @dataclass

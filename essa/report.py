@@ -21,7 +21,7 @@ from essa import checkpoint, completions
 from essa.errors import EssaError
 from essa.files import write_text
 from essa.metrics import MetricsLog
-from essa.preflight import CHECKPOINTS, METRICS_FILE, RECIPE_FILE
+from essa.preflight import CHECKPOINTS, METRICS_FILE, RECIPE_FILE, WARM_START_SUMMARY
 
 REPORT_FILE = "report.html"
 CHARTS = {
@@ -120,7 +120,7 @@ def _instruction_table(base: list[dict], best: list[dict]) -> str:
 
 def _warm_start(run_dir: Path, held: list[dict]) -> str:
     """The warm start's line: what the base model scored, what the fine-tune made of it, and its cost."""
-    path = run_dir / "warm_start" / "summary.json"
+    path = run_dir / WARM_START_SUMMARY
     if not path.is_file():
         return ""
     warm = json.loads(path.read_text())

@@ -38,12 +38,13 @@ from essa.evaluation import LocalEvaluator, Task
 from essa.files import remove_tree, write_text
 from essa.metrics import peak_memory_mb
 from essa.models import load_model, resolve_device
+from essa.preflight import WARM_START_SUMMARY
 from essa.progress import ChunkSteps, phase
 from essa.recipe import Recipe
 from essa.scoring import Scorer
 from essa.svd import SVDSpace
 
-DIR, SUMMARY, ADAPTER, SAMPLES = "warm_start", "summary.json", "adapter", "samples.jsonl"
+ADAPTER, SAMPLES = "adapter", "samples.jsonl"
 BASE = SVDSpace([], 1.0)  # no adapted modules: every candidate is the base model
 
 
@@ -150,8 +151,8 @@ def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out:
 def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_dir: Path, resume: bool,
         console: Console) -> tuple[Path, dict[str, Any]]:
     """The warm start's adapter directory and summary, made now or, on a resume, before."""
-    root = run_dir / DIR
-    done = root / SUMMARY
+    done = run_dir / WARM_START_SUMMARY
+    root = done.parent
     adapter = root / ADAPTER
     if resume and done.is_file():
         console.print(f"warm start: done before, using {adapter}")
