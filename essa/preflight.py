@@ -19,7 +19,8 @@ from essa.data import Dataset, load_splits
 from essa.errors import EssaError, RecipeError
 from essa.files import check_writable_dir
 from essa.metrics import MetricsLog
-from essa.models import meta_model, read_config
+from essa.engines.vllm import check_supported
+from essa.models import meta_model, read_config, resolve_device
 from essa.recipe import Recipe
 from essa.scoring import Scorer
 from essa.svd import SVDSpace, find_targets
@@ -93,6 +94,8 @@ def check_inputs(recipe: Recipe) -> Inputs:
     """Extras, model config, data and reward, in that order, before any weights load."""
     extras.check(extras.input_needs(recipe) + extras.run_needs(recipe))
     check_model(recipe)
+    if recipe.run.engine == "vllm":  # before the warm start, which would run for minutes on the HF engine first
+        check_supported(recipe.model.quantization, resolve_device(recipe.model.device))
     train, heldout = load_data(recipe)
     reward = recipe.reward
     check_warm_start(recipe, train)

@@ -125,3 +125,4 @@ def test_unsupported_quantization_fails_before_loading(tmp_path, capsys):
     assert main(["align", "--out", str(tmp_path / "r"), "--set", "run.engine=vllm"]) == 2  # the quickstart is nf4
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'nf4' is not supported by run.engine = \"vllm\" on cpu" in err[0]
+    assert not (tmp_path / "r" / "warm_start").exists()  # refused before the quickstart's warm start ran
