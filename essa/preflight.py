@@ -16,10 +16,10 @@ from torch import nn
 from essa import checkpoint, extras
 from essa.adapter_files import read_peft_adapter
 from essa.data import Dataset, load_splits
+from essa.engines.vllm import check_supported
 from essa.errors import EssaError, RecipeError
 from essa.files import check_writable_dir
 from essa.metrics import MetricsLog
-from essa.engines.vllm import check_supported
 from essa.models import meta_model, read_config, resolve_device
 from essa.recipe import Recipe
 from essa.scoring import Scorer
