@@ -153,3 +153,37 @@ def test_report_shows_the_warm_start(warm_run):
     page = render(warm_run)
     assert f"held-out reward of the base model {warm['base_heldout_reward']:.4f}" in page
     assert f"{warm['examples']} examples, {warm['sft_steps']} fine-tune steps" in page
+
+
+def test_completion_loss_equals_trls(tiny_model_dir, tmp_path):
+    """The loss the fine-tune optimizes is TRL's, value and gradient, on a real batch of its collator
+    (float32, a padded batch of prompts and completions of different lengths)."""
+    from datasets import Dataset as HFDataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from essa.warm_start import completion_loss, plain_head, trainer_class
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    data = HFDataset.from_list([{"prompt": p, "completion": c} for p, c in
+                                zip(PROMPTS, ["Drops on the roof.", "Red, green and a very long blue.", "4"])])
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, use_cpu=True, report_to=[])
+    trainer = trainer_class()(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                              peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any(dim=1).all() and (batch["attention_mask"] == 0).any(), "prompt and padding"
+    assert plain_head(trainer.model)
+    grads = []
+    for loss in (lambda: SFTTrainer.compute_loss(trainer, trainer.model, dict(batch)),
+                 lambda: completion_loss(trainer.model, batch)):
+        trainer.model.zero_grad()
+        value = loss()
+        value.backward()
+        grads.append((value.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]))
+    (trl_loss, trl_grads), (ours, our_grads) = grads
+    torch.testing.assert_close(ours, trl_loss, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(our_grads, trl_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+    model.config.final_logit_softcapping = 30.0
+    assert not plain_head(trainer.model), "a softcapped head is left to TRL, which applies it"
