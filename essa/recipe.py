@@ -72,6 +72,7 @@ class WarmStartSection:
     samples_per_prompt: int = positive(4, 4096)
     temperature: float = positive(0.8, 100)
     min_reward: float = between(0.0, -1e9, 1e9)
+    finished_only: bool = False
     response_field: str = "answer"
     epochs: float = positive(2.0, 10**4)
     learning_rate: float = positive(1e-3, 10)

@@ -6,7 +6,8 @@ the search then evolves, as the ESSA paper starts from an SFT adapter rather tha
   worked solutions);
 - "rejection": where the data has none (format instructions, IFEval-style prompts), the base
   model's own samples: `samples_per_prompt` per prompt at `temperature`, scored by the recipe's
-  reward, the best of each prompt kept when it scores above `min_reward` (rejection sampling).
+  reward, the best of each prompt kept when it scores above `min_reward` (rejection sampling);
+  with `finished_only`, the best of those that ended before the token limit.
   The samples come from essa's own engine, the base model evaluated as a population of identical
   candidates with an empty search space, because it is the fastest generator this process has.
 
@@ -95,13 +96,25 @@ def best_of_k(model, tokenizer, recipe: Recipe, data: Dataset, scorer: Scorer,
     finally:
         evaluator.close()
     scores, texts = evaluation.scores, evaluation.completions
-    best = scores.argmax(0)  # the first of equal bests
+    finished = np.array([[finished_before_limit(tokenizer, text, recipe.generation.max_new_tokens) for text in row]
+                         for row in texts])
+    eligible = np.where(finished | (not cfg.finished_only), scores, -np.inf)
+    best = eligible.argmax(0)  # the first of equal bests
     rows = [{"prompt": task.prompts[j], "rendered": task.rendered[j], "sample": i, "completion": texts[i][j],
-             "reward": float(scores[i, j]), "kept": bool(i == best[j] and scores[i, j] > cfg.min_reward)}
+             "reward": float(scores[i, j]), "finished": bool(finished[i, j]),
+             "kept": bool(i == best[j] and eligible[i, j] > cfg.min_reward)}
             for j in range(len(task.prompts)) for i in range(len(scores))]
     stats = {"sample_reward": float(scores.mean()), "best_of_k_reward": float(scores.max(0).mean()),
+             "finished_fraction": float(finished.mean()),
              "reward_failures": evaluation.failures, "seconds_sampling": evaluation.seconds}
     return rows, stats
+
+
+def finished_before_limit(tokenizer, text: str, max_new_tokens: int) -> bool:
+    """Whether a sample ended (a stop token) before the token limit. The engine returns text, not tokens,
+    so its tokens are counted again; re-encoding can differ by a token at the limit, and a sample that
+    stopped exactly there counts as unfinished."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) < max_new_tokens
 
 
 def references(recipe: Recipe, data: Dataset, tokenizer) -> list[dict[str, Any]]:
@@ -246,8 +259,10 @@ def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_di
 def nothing_to_learn(recipe: Recipe, samples: Path) -> EssaError:
     cfg = recipe.warm_start
     if cfg.method == "rejection":
-        return EssaError(f"warm_start: no sample scored above warm_start.min_reward = {cfg.min_reward:g} "
-                         f"(see {samples}); lower min_reward, raise samples_per_prompt or temperature")
+        which = "finished sample" if cfg.finished_only else "sample"
+        return EssaError(f"warm_start: no {which} scored above warm_start.min_reward = {cfg.min_reward:g} "
+                         f"(see {samples}); lower min_reward, raise samples_per_prompt or temperature"
+                         + (" or generation.max_new_tokens" if cfg.finished_only else ""))
     return EssaError(f"warm_start.response_field: no training row has a non-empty {cfg.response_field!r}")
 
 

@@ -69,6 +69,17 @@ def test_best_of_k_samples_are_the_targets(warm_run):
         assert len(kept) == 1 and kept[0]["reward"] == max(r["reward"] for r in mine)
         assert kept[0]["rendered"].endswith("<|im_start|>assistant\n")  # what the engine's prompts look like
     assert len({r["completion"] for r in rows}) > 4, "k samples of a prompt should differ"
+    assert not any(r["finished"] for r in rows), "the tiny random model runs to the token limit"
+
+
+def test_finished_means_fewer_tokens_than_the_limit(tiny_model_dir):
+    from essa.warm_start import finished_before_limit
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    text = "The quick brown fox jumps over the lazy dog."
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert finished_before_limit(tokenizer, text, n + 1)
+    assert not finished_before_limit(tokenizer, text, n) and not finished_before_limit(tokenizer, text * 3, n + 1)
 
 
 def test_search_starts_from_the_fine_tuned_adapter(warm_run):
@@ -115,6 +126,9 @@ def test_reference_responses_are_the_targets(tiny_recipe, tmp_path):
      "warm_start.response_field: the training data has no column 'solution'"),
     ({"warm_start": {**WARM, "min_reward": 0.0}, "reward": {"name": "REWARDS:zero"}},
      "warm_start: no sample scored above warm_start.min_reward = 0"),
+    # the tiny random model never stops within 8 tokens, so no sample finished
+    ({"warm_start": {**WARM, "finished_only": True}},
+     "warm_start: no finished sample scored above warm_start.min_reward = 0"),
 ])
 def test_bad_warm_start_is_one_line(tiny_recipe, tmp_path, capsys, finished_adapter, sections, message):
     (tmp_path / "rewards.py").write_text(REWARDS)
