@@ -98,6 +98,13 @@ def test_verdicts_are_reproducible_where_lm_eval_draws_random_arguments(referenc
     assert len(runs) == 1
 
 
+def test_language_verdicts_are_reproducible():
+    """langdetect draws at random; this answer is Spanish in some draws and English in others."""
+    runs = {tuple(ifeval.verdicts("Answer in Spanish.", "Hola my friend, ciao", ["language:response_language"],
+                                  [{"language": "es"}])) for _ in range(30)}
+    assert len(runs) == 1
+
+
 def test_ifeval_metrics_break_strict_accuracy_down_by_instruction_type():
     from essa.score import ifeval_metrics
 
