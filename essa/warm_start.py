@@ -138,7 +138,8 @@ def plain_head(model) -> bool:
 
 def completion_loss(model, inputs: dict[str, Any]):
     """Mean cross-entropy of the completion tokens (labels other than -100), with the vocabulary projection
-    of those positions only: the same loss as TRL's, at a fraction of its cost on a CPU."""
+    of those positions only: the same loss as TRL's, at a fraction of its cost on a CPU. The fine-tune
+    does not accumulate gradients, so the batch's own token count is the trainer's `num_items_in_batch`."""
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -194,7 +195,7 @@ def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out:
     data = HFDataset.from_list([{"prompt": r["rendered"], "completion": r["completion"]} for r in rows])
     start = time.perf_counter()
     trainer = trainer_class()(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[Lines()])
+                              peft_config=peft_config, callbacks=[Lines()])
     trainer.remove_callback(PrinterCallback)  # its raw dicts repeat what Lines says
     result = trainer.train()
     tmp = out.with_name(f".tmp-{out.name}")
