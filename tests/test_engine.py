@@ -1,14 +1,12 @@
 """The population-batched engine against plain peft models with each member's adapter materialized."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
 from essa.engines import HFEngine
-from essa.engines.hf import count_generated, trim_heap
+from essa.engines.hf import count_generated
 from essa.models import load_tokenizer, quantization_config
 from essa.svd import build_space
 from tests.conftest import PROMPTS, greedy
@@ -110,20 +108,3 @@ def test_space_from_a_peft_adapter_reproduces_it(tiny_model_dir, tmp_path):
     engine = HFEngine(model, tokenizer, space, max_new_tokens=8, batch_rows=64)
     expected = greedy(trained.eval(), tokenizer, PROMPTS, 8)
     assert engine.generate(torch.zeros(1, space.dim), PROMPTS).completions[0] == expected
-
-
-def resident_mb() -> float:
-    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
-def test_trim_heap_returns_freed_memory_to_the_os():
-    """What an engine chunk leaves behind: many freed heap blocks (below glibc's mmap threshold), with a
-    live block above them so that free() alone cannot shrink the heap."""
-    blocks = [torch.ones(24_000) for _ in range(4_000)]  # 96 kB each, 384 MB in all
-    keep = torch.ones(24_000)
-    del blocks
-    before = resident_mb()
-    trim_heap()
-    assert resident_mb() < before - 200, "the freed blocks should leave the process"
-    assert keep.sum() == 24_000

@@ -15,9 +15,6 @@ much as the same number of sequences of plain batched inference.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 import time
 
 import torch
@@ -88,19 +85,6 @@ class PopulationLoRA:
             handle.remove()
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
-
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). A decode
-    allocates its KV cache anew at every step, a little larger each time, and glibc keeps what
-    it frees for reuse, which the next chunk's differently sized tensors mostly cannot use: over
-    the 541-prompt IFEval evaluation the process grew chunk after chunk from 1.6 to 3.7 GB. The
-    call costs milliseconds per chunk (docs/benchmarks.md)."""
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
 def lora_compute_dtype(model: PreTrainedModel) -> torch.dtype:
     """At least float32, like peft's adapters: in bfloat16 an offset of 0.01 on a singular value
     of 5 would round away. The term's matmuls have width `rank`, so this costs little."""
@@ -156,7 +140,6 @@ class HFEngine:
                      self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows,
                      on_rows and (lambda finished, tokens: on_rows(finished, len(rows), tokens)),
                      self.temperature, self.generator, rows_alike=bool((chosen == chosen[:1]).all())).cpu()
-        trim_heap()
         return RowsOutput(self.tokenizer.batch_decode(new, skip_special_tokens=True),
                           int(count_generated(new, self.stop_ids).sum()), time.perf_counter() - start)
 
