@@ -40,6 +40,7 @@ from rich.console import Console
 
 from essa.data import Dataset, render
 from essa.engines.hf import HFEngine
+from essa.engines.rows import prompt_lengths
 from essa.errors import EssaError
 from essa.evaluation import LocalEvaluator, Task
 from essa.files import remove_tree, write_text
@@ -96,8 +97,7 @@ def best_of_k(model, tokenizer, recipe: Recipe, data: Dataset, scorer: Scorer,
     finally:
         evaluator.close()
     scores, texts = evaluation.scores, evaluation.completions
-    finished = np.array([[finished_before_limit(tokenizer, text, recipe.generation.max_new_tokens) for text in row]
-                         for row in texts])
+    finished = finished_before_limit(tokenizer, texts, recipe.generation.max_new_tokens)
     eligible = np.where(finished | (not cfg.finished_only), scores, -np.inf)
     best = eligible.argmax(0)  # the first of equal bests
     rows = [{"prompt": task.prompts[j], "rendered": task.rendered[j], "sample": i, "completion": texts[i][j],
@@ -110,11 +110,12 @@ def best_of_k(model, tokenizer, recipe: Recipe, data: Dataset, scorer: Scorer,
     return rows, stats
 
 
-def finished_before_limit(tokenizer, text: str, max_new_tokens: int) -> bool:
-    """Whether a sample ended (a stop token) before the token limit. The engine returns text, not tokens,
-    so its tokens are counted again; re-encoding can differ by a token at the limit, and a sample that
-    stopped exactly there counts as unfinished."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) < max_new_tokens
+def finished_before_limit(tokenizer, texts: list[list[str]], max_new_tokens: int) -> np.ndarray:
+    """[candidate, prompt]: whether each sample ended (a stop token) before the token limit. The engine
+    returns text, not tokens, so the tokens are counted again (one batched call); re-encoding can differ
+    by a token at the limit, and a sample that stopped exactly there counts as unfinished."""
+    counts = prompt_lengths(tokenizer, [text for row in texts for text in row])
+    return np.array(counts).reshape(len(texts), -1) < max_new_tokens
 
 
 def references(recipe: Recipe, data: Dataset, tokenizer) -> list[dict[str, Any]]:

@@ -78,8 +78,8 @@ def test_finished_means_fewer_tokens_than_the_limit(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     text = "The quick brown fox jumps over the lazy dog."
     n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    assert finished_before_limit(tokenizer, text, n + 1)
-    assert not finished_before_limit(tokenizer, text, n) and not finished_before_limit(tokenizer, text * 3, n + 1)
+    assert finished_before_limit(tokenizer, [[text, text * 3]], n + 1).tolist() == [[True, False]]
+    assert finished_before_limit(tokenizer, [[text], [text]], n).tolist() == [[False], [False]]
 
 
 def test_search_starts_from_the_fine_tuned_adapter(warm_run):
