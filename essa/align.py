@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
-from essa import checkpoint, completions, trackers, warm_start
+from essa import checkpoint, completions, interrupts, trackers, warm_start
 from essa.data import Dataset, minibatch
 from essa.distributed import RayEvaluator, distributed
 from essa.engines.load import load_engine
@@ -204,6 +204,7 @@ def evolve(parts: Parts, raw: dict, run_dir: Path, resume: bool, started: float,
 
         with Steps(console, "align", run.iterations, state.iteration) as steps:
             while state.iteration < run.iterations:
+                interrupts.check()  # a Ctrl-C that a library swallowed stops the run here
                 t = time.perf_counter()
                 state, row = step(parts, strategy, state)
                 stats = f"reward {row['reward_mean']:.3f} (max {row['reward_max']:.3f})"

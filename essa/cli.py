@@ -111,6 +111,7 @@ def _report(args: argparse.Namespace) -> None:
 def _align(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from essa import interrupts
     from essa.align import align
     from essa.preflight import RECIPE_FILE
 
@@ -125,7 +126,8 @@ def _align(args: argparse.Namespace) -> None:
     recipe = recipes.from_dict(raw, source)
     console = Console(soft_wrap=True)  # in a log file a line stays one line
     try:
-        align(recipe, raw, run_dir, args.resume, console)
+        with interrupts.recorded():
+            align(recipe, raw, run_dir, args.resume, console)
     except KeyboardInterrupt:
         console.print(f"\ninterrupted; checkpoints in {run_dir} are intact. Continue with:\n"
                       f"  essa align {path} --out {run_dir} --resume")

@@ -3,8 +3,10 @@ the batch."""
 
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicLayer
 
 from essa.engines import HFEngine
+from essa.engines.cache import BlockLayer, fill_holes
 from essa.engines.decode import decode
 from essa.models import load_tokenizer
 from essa.svd import build_space
@@ -31,11 +33,12 @@ def test_greedy_decode_equals_generate_with_rows_finishing_early(tiny_model_dir)
     free = reference(model, tokenizer, CHAT, 12, tokenizer.eos_token_id)
     stop = int(free[0, 2])
     expected = reference(model, tokenizer, CHAT, 12, stop)
-    active_sizes = []
+    seen = []
     new = decode(model, batch["input_ids"], batch["attention_mask"], 12, torch.tensor([stop]),
-                 tokenizer.pad_token_id, use_rows=lambda index: active_sizes.append(len(index)))
+                 tokenizer.pad_token_id, use_rows=lambda index: seen.append(index.tolist()))
     assert torch.equal(new, expected)
-    assert active_sizes and min(active_sizes) < len(CHAT), "finished rows must leave the batch"
+    assert seen and min(map(len, seen)) < len(CHAT), "finished rows must leave the batch"
+    assert any(rows != sorted(rows) for rows in seen), "rows beyond the batch must move into the places left"
 
 
 def test_engine_with_rows_leaving_equals_peft_per_member(tiny_model_dir):
@@ -71,3 +74,32 @@ def test_alike_rows_prefill_each_distinct_prompt_once(tiny_model_dir):
     assert sorted(seen[0]) == [3 * i for i in range(len(CHAT))], "the prefill runs the first row of each prompt"
     assert seen[1] == list(range(len(prompts)))
     assert torch.equal(alike, decode(*args))
+
+
+def test_fill_holes_moves_only_the_rows_beyond_the_new_size():
+    keep = torch.tensor([0, 2, 3, 5, 6])  # rows 1 and 4 of 7 leave
+    order = fill_holes(keep, 7)
+    assert sorted(order.tolist()) == keep.tolist()
+    assert order.tolist() == [0, 5, 2, 3, 6]
+
+
+def test_block_layer_holds_what_a_dynamic_layer_holds():
+    """Updates, rows leaving in any order, and rows copied to more rows: the same keys and values,
+    in contiguous blocks whose unfilled tail is zeros and masked."""
+    gen = torch.Generator().manual_seed(0)
+    block, dynamic = BlockLayer(block=4), DynamicLayer()
+    rows = 6
+    for step, select in [(5, None), (1, torch.tensor([0, 5, 2, 3])), (1, torch.tensor([3, 1])),
+                         (1, torch.tensor([0, 0, 1, 1, 1])), (2, None)]:
+        if select is not None:
+            block.batch_select_indices(select)
+            dynamic.batch_select_indices(select)
+            rows = len(select)
+        k, v = torch.randn(2, rows, 2, step, 3, generator=gen)
+        assert block.get_mask_sizes(step) == (-(-(block.get_seq_length() + step) // 4) * 4, 0)
+        (keys, values), want = block.update(k, v), dynamic.update(k, v)
+        length = block.get_seq_length()
+        assert length == dynamic.get_seq_length() and keys.shape[2] == -(-length // 4) * 4
+        assert keys.is_contiguous() and values.is_contiguous()
+        assert torch.equal(keys[:, :, :length], want[0]) and torch.equal(values[:, :, :length], want[1])
+        assert not keys[:, :, length:].any() and not values[:, :, length:].any()

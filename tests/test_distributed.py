@@ -296,7 +296,7 @@ def worker_names() -> list[str]:
 def test_ctrl_c_leaves_no_processes_or_shared_memory(recipe, tmp_path, ray_tmp):
     shm_before = set(os.listdir("/dev/shm"))
     run = tmp_path / "interrupted"
-    path = recipe(run={"iterations": 50, "eval_every": 1})
+    path = recipe(run={"iterations": 5000, "eval_every": 1})  # far longer than the test waits: no race with the end
     proc = align(path, run, ray_tmp, "distributed.workers=2", start_new_session=True)
     wait_for(lambda: (run / "checkpoints" / "iter-000001").exists(), proc)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground process group

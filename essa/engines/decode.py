@@ -6,9 +6,10 @@ batching (`generate_batch`, paged attention) does drop finished requests, but it
 into one flat token stream in an order of its own, so the engine's per-row low-rank terms could
 not tell which candidate a token belongs to. This loop does for greedy decoding what both do,
 and tells the caller which rows are active (`use_rows`) whenever that changes: the left-padded
-prompts are prefilled once, each step feeds one token per active row through the model with
-transformers' KV cache, and rows that finish are dropped from the cache, the mask and the
-caller's per-row state. Each row computes exactly what `generate` computes for it, so greedy
+prompts are prefilled once, each step feeds one token per active row through the model with a KV cache
+that grows by blocks (essa/engines/cache.py), and rows that finish are dropped from the cache,
+the mask and the caller's per-row state (the rows that stay may change places: `use_rows` says
+where each one is). Each row computes exactly what `generate` computes for it, so greedy
 outputs are those of `generate` (prefilling a shared prompt prefix once per candidate was
 measured 10% faster, but changes NF4 outputs on CPUs where bitsandbytes computes in bf16;
 docs/benchmarks.md). Sampling (temperature > 0, for the warm start's best-of-k samples) draws each
@@ -22,10 +23,13 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from essa.engines.cache import block_cache, fill_holes
 
 
-def last_logits(model: PreTrainedModel, ids: Tensor, mask: Tensor, positions: Tensor, cache: DynamicCache) -> Tensor:
+def last_logits(model: PreTrainedModel, ids: Tensor, mask: Tensor, positions: Tensor, cache: Cache) -> Tensor:
     # An index tensor (not logits_to_keep=1) hands the output layer a contiguous input, which it multiplies
     # as one matmul instead of a batched one (8x slower on a CPU at SmolLM2's vocabulary).
     last = torch.tensor([ids.shape[1] - 1], device=ids.device)
@@ -42,7 +46,7 @@ def distinct_rows(ids: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def prefill(model: PreTrainedModel, ids: Tensor, mask: Tensor, use_rows: Callable[[Tensor], None] = lambda rows: None,
-            rows_alike: bool = False) -> tuple[DynamicCache, Tensor, Tensor]:
+            rows_alike: bool = False) -> tuple[Cache, Tensor, Tensor]:
     """(cache, last position ids, last logits) for left-padded prompts. With `rows_alike` (every row
     computes the same function of its prompt, as k samples of one model do), each distinct prompt is
     prefilled once and its cache copied to its rows: prefill costs about as much as all the decode
@@ -55,7 +59,7 @@ def prefill(model: PreTrainedModel, ids: Tensor, mask: Tensor, use_rows: Callabl
             cache.batch_select_indices(inverse)
             use_rows(torch.arange(len(ids), device=ids.device))
             return cache, positions[inverse], logits[inverse]
-    cache = DynamicCache(config=model.config)
+    cache = block_cache(model.config)
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     logits = last_logits(model, ids, mask, positions, cache)
     return cache, positions[:, -1:], logits
@@ -98,6 +102,7 @@ def decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, ma
             keep = running.nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
+            keep = fill_holes(keep, len(active))
             active, token, mask, positions = active[keep], token[keep], mask[keep], positions[keep]
             cache.batch_select_indices(keep)
             use_rows(active)

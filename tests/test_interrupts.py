@@ -1,0 +1,25 @@
+"""Ctrl-C that a library swallowed still stops `essa align` between iterations."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from essa import interrupts
+
+
+def test_a_swallowed_sigint_is_raised_again_by_check():
+    with interrupts.recorded():
+        interrupts.check()  # nothing received yet
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises before this ends
+            pytest.fail("SIGINT raised nothing")
+        except KeyboardInterrupt:
+            pass  # as a library that catches BaseException would
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with interrupts.recorded():
+        interrupts.check()  # a new run starts with nothing received
