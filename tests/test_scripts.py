@@ -217,6 +217,10 @@ def test_paired_runs_pairs_the_gains_by_seed(tmp_path, capsys):
         (path / "metrics.jsonl").write_text(json.dumps({"generated_tokens": tokens, "seconds_generate": generate}))
 
     run("old-s0", 0.3, 0.4, 200.0, 1000, 10.0)
+    warm = tmp_path / "new-s2"
+    run("new-s2", 0.5, 0.6, 100.0, 1000, 5.0)
+    summary = json.loads((warm / "summary.json").read_text()) | {"warm_start": {"base_heldout_reward": 0.25}}
+    (warm / "summary.json").write_text(json.dumps(summary))
     run("new-s0", 0.3, 0.35, 100.0, 1000, 5.0)
     run("old-s1", 0.2, 0.2, 300.0, 1000, 10.0)
     run("new-s1", 0.2, 0.3, 150.0, 1000, 4.0)
@@ -228,3 +232,5 @@ def test_paired_runs_pairs_the_gains_by_seed(tmp_path, capsys):
     assert report["seeds"][1]["speedup_tokens_per_s"] == pytest.approx(2.5)
     assert json.loads((tmp_path / "out.json").read_text())["summary"] == report["summary"]
     assert "paired difference +0.025" in capsys.readouterr().out
+    with_warm_start = script("paired_runs").side(warm)
+    assert with_warm_start["gain"] == pytest.approx(0.35) and with_warm_start["after_warm_start"] == 0.5
