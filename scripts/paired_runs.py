@@ -4,8 +4,9 @@ A reduced-precision speed-up of the engine is kept when the quickstart's held-ou
 least 5 seeds is not worse with it than without it, paired by seed (docs/benchmarks.md, "Numerics
 policy"). Each side is a directory of run directories named PREFIX-sSEED (each with its
 summary.json, as `essa align --out` writes); this prints and writes per seed the base model's,
-final and best held-out rewards (and the warm start's, where the run had one), the gain, wall time and tokens/s of both sides, and the paired difference
-of the gains with its mean and standard deviation.
+final and best held-out rewards (and the warm start's, where the run had one), the gain, wall
+time and tokens/s of both sides, and the paired difference of the gains with its mean and
+standard deviation.
 
     python scripts/paired_runs.py --runs runs/policy --a old --b new --seeds 0,1,2,3,4 \\
         --json docs/engine_policy.json
@@ -27,8 +28,9 @@ def side(run_dir: Path) -> dict:
     tokens = sum(r.get("generated_tokens", 0) for r in rows)
     generate = sum(r.get("seconds_generate", 0.0) for r in rows)
     # With a warm start, the run's baseline is the fine-tuned adapter; the gain counts from the base model.
-    base = summary.get("warm_start", {}).get("base_heldout_reward", summary["baseline_heldout_reward"])
-    return {"base": base, "after_warm_start": summary["baseline_heldout_reward"] if "warm_start" in summary else None,
+    warm = summary.get("warm_start")
+    base = warm["base_heldout_reward"] if warm else summary["baseline_heldout_reward"]
+    return {"base": base, "after_warm_start": summary["baseline_heldout_reward"] if warm else None,
             "final": summary["final_heldout_reward"], "best": summary["best_heldout_reward"],
             "gain": summary["final_heldout_reward"] - base, "seconds": summary["seconds_this_session"],
             "peak_memory_mb": summary.get("peak_memory_mb"), "tokens_per_s": tokens / generate if generate else None}
