@@ -73,6 +73,7 @@ class WarmStartSection:
     temperature: float = positive(0.8, 100)
     min_reward: float = between(0.0, -1e9, 1e9)
     finished_only: bool = False
+    repair: str = ""
     response_field: str = "answer"
     epochs: float = positive(2.0, 10**4)
     learning_rate: float = positive(1e-3, 10)
@@ -275,6 +276,9 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError(recipe.source, "warm_start.method",
                           f"{recipe.warm_start.method!r} produces the starting adapter, so it cannot be combined "
                           "with lora.adapter; set one of them")
+    if recipe.warm_start.repair and recipe.warm_start.method != "rejection":
+        raise RecipeError(recipe.source, "warm_start.repair",
+                          "repairs the base model's samples, so it needs warm_start.method = \"rejection\"")
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise RecipeError(recipe.source, "lora.adapter",
                           f"no PEFT adapter (adapter_config.json) in directory {adapter!r}")

@@ -61,16 +61,16 @@ def load_function(spec: str) -> Any:
     return fn
 
 
-def check_spec(spec: str) -> None:
+def check_spec(spec: str, field: str = "reward.name") -> None:
     """What can be said of a reward name without running its code (the child imports it)."""
     if spec in builtin_names():
         return
     module_name, sep, function = spec.rpartition(":")
     if not sep or not module_name or not function:
-        raise EssaError(f"reward.name: unknown reward {spec!r}; built-in: {', '.join(builtin_names())}; "
+        raise EssaError(f"{field}: unknown reward {spec!r}; built-in: {', '.join(builtin_names())}; "
                         "or 'package.module:function' or 'path/to/file.py:function'")
     if module_name.endswith(".py") and not Path(module_name).expanduser().is_file():
-        raise EssaError(f"reward.name: file {module_name!r} not found")
+        raise EssaError(f"{field}: file {module_name!r} not found")
 
 
 def signature_problem(spec: str, fn: Any, kwargs: dict[str, Any], columns: list[str] | None) -> str | None:
@@ -183,14 +183,15 @@ class RewardProcess:
             raise RewardFailure(f"no result within reward.timeout_s = {self.timeout_s:g} s (stopped)")
         raise RewardFailure(f"the reward process died (exit code {exitcode}; over reward.memory_gb?)")
 
-    def check(self, spec: str, kwargs: dict[str, Any], columns: list[str] | None = None) -> None:
-        """Import the reward in the child and check its options (and the dataset columns it needs,
-        when given); EssaError when it cannot run."""
-        check_spec(spec)
+    def check(self, spec: str, kwargs: dict[str, Any], columns: list[str] | None = None,
+              field: str = "reward.name") -> None:
+        """Import the function `spec` names (the recipe's `field`) in the child and check its options (and
+        the dataset columns it needs, when given); EssaError when it cannot run."""
+        check_spec(spec, field)
         try:
             problem = self._request("check", spec, (kwargs, columns))
         except RewardFailure as err:
-            raise EssaError(f"reward.name: cannot load {spec!r} ({err})") from None
+            raise EssaError(f"{field}: cannot load {spec!r} ({err})") from None
         if problem:
             raise EssaError(problem)
 

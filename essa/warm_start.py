@@ -7,7 +7,9 @@ the search then evolves, as the ESSA paper starts from an SFT adapter rather tha
 - "rejection": where the data has none (format instructions, IFEval-style prompts), the base
   model's own samples: `samples_per_prompt` per prompt at `temperature`, scored by the recipe's
   reward, the best of each prompt kept when it scores above `min_reward` (rejection sampling);
-  with `finished_only`, the best of those that ended before the token limit.
+  with `finished_only`, the best of those that ended before the token limit; with `repair`, each
+  sample also as a task's own rule edits it to follow what the reward checks (IFEval's formats:
+  `rewards.ifeval_repair:repair`), scored like the others.
   The samples come from essa's own engine, the base model evaluated as a population of identical
   candidates with an empty search space, because it is the fastest generator this process has.
 
@@ -49,6 +51,7 @@ from essa.models import load_model, resolve_device
 from essa.preflight import WARM_START_SUMMARY
 from essa.progress import ChunkSteps, phase
 from essa.recipe import Recipe
+from essa.reward_process import RewardFailure
 from essa.scoring import Scorer
 from essa.svd import SVDSpace
 
@@ -96,18 +99,49 @@ def best_of_k(model, tokenizer, recipe: Recipe, data: Dataset, scorer: Scorer,
                                             on_chunk=progress, on_rows=progress.rows)
     finally:
         evaluator.close()
-    scores, texts = evaluation.scores, evaluation.completions
+    scores, texts, k = evaluation.scores, evaluation.completions, cfg.samples_per_prompt
     finished = finished_before_limit(tokenizer, texts, recipe.generation.max_new_tokens)
+    stats = {"sample_reward": float(scores.mean()), "finished_fraction": float(finished.mean()),
+             "reward_failures": evaluation.failures, "seconds_sampling": evaluation.seconds}
+    if cfg.repair:  # the repaired samples join the sampled ones, after them: an unedited sample wins a tie
+        start = time.perf_counter()
+        fixed, stats["repair_failures"] = repaired(scorer, cfg.repair, task, texts)
+        scored = [scorer(task.prompts, row, task.columns) for row in fixed]
+        fixed_scores = np.array([s for s, _ in scored])
+        stats |= {"repaired_reward": float(fixed_scores.mean()), "seconds_repair": time.perf_counter() - start}
+        stats["reward_failures"] += sum(f for _, f in scored)
+        scores, texts = np.concatenate([scores, fixed_scores]), texts + fixed
+        finished = np.concatenate([finished, finished])
     eligible = np.where(finished | (not cfg.finished_only), scores, -np.inf)
     best = eligible.argmax(0)  # the first of equal bests
-    rows = [{"prompt": task.prompts[j], "rendered": task.rendered[j], "sample": i, "completion": texts[i][j],
-             "reward": float(scores[i, j]), "finished": bool(finished[i, j]),
+    rows = [{"prompt": task.prompts[j], "rendered": task.rendered[j], "sample": i % k, "repaired": i >= k,
+             "completion": texts[i][j], "reward": float(scores[i, j]), "finished": bool(finished[i, j]),
              "kept": bool(i == best[j] and eligible[i, j] > cfg.min_reward)}
             for j in range(len(task.prompts)) for i in range(len(scores))]
-    stats = {"sample_reward": float(scores.mean()), "best_of_k_reward": float(scores.max(0).mean()),
-             "finished_fraction": float(finished.mean()),
-             "reward_failures": evaluation.failures, "seconds_sampling": evaluation.seconds}
+    stats["best_of_k_reward"] = float(scores.max(0).mean())
     return rows, stats
+
+
+def repaired(scorer: Scorer, spec: str, task: Task, texts: list[list[str]]) -> tuple[list[list[str]], int]:
+    """[candidate][prompt]: each sample as the function `spec` (`warm_start.repair`) edits it, called in the
+    reward's child process, as the reward is, since both read model output; and how many rows stayed as
+    sampled because their repair failed."""
+    fixed = [repair_rows(scorer, spec, task, row, list(range(len(row)))) for row in texts]
+    return ([[text if edit is None else edit for edit, text in zip(edits, row)] for edits, row in zip(fixed, texts)],
+            sum(edit is None for edits in fixed for edit in edits))
+
+
+def repair_rows(scorer: Scorer, spec: str, task: Task, texts: list[str], rows: list[int]) -> list[str | None]:
+    """The repaired text of each of `rows`, None where it failed: all in one call, and when that fails, each
+    row on its own (one hostile completion costs only its own repair)."""
+    prompts, columns = task.rows(tuple(rows))
+    try:
+        values = scorer.process.call(spec, prompts, [texts[j] for j in rows], columns, {})
+        if len(values) == len(rows):
+            return [v if isinstance(v, str) else None for v in values]
+    except RewardFailure:
+        pass
+    return [None] if len(rows) == 1 else [v for j in rows for v in repair_rows(scorer, spec, task, texts, [j])]
 
 
 def finished_before_limit(tokenizer, texts: list[list[str]], max_new_tokens: int) -> np.ndarray:
@@ -220,6 +254,8 @@ def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_di
     if root.exists():
         remove_tree(root)
     root.mkdir(parents=True)
+    if recipe.warm_start.repair:
+        scorer.process.check(recipe.warm_start.repair, {}, list(train.columns()), field="warm_start.repair")
     start = time.perf_counter()
     with phase(console, "warm start: loading the model"):
         model, tokenizer = load_model(recipe.model)
@@ -233,7 +269,8 @@ def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_di
         with phase(console, f"warm start: sampling {k} completions for each of {len(data)} prompts"):
             samples, stats = best_of_k(model, tokenizer, recipe, data, scorer, console)
         summary |= stats
-        console.print(f"warm start samples: mean reward {stats['sample_reward']:.4f}, best of {k} "
+        repairs = f", repaired {stats['repaired_reward']:.4f}" if "repaired_reward" in stats else ""
+        console.print(f"warm start samples: mean reward {stats['sample_reward']:.4f}{repairs}, best of {k} "
                       f"{stats['best_of_k_reward']:.4f}")
     else:
         samples = references(recipe, data, tokenizer)

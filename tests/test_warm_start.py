@@ -23,6 +23,11 @@ def length(prompts, completions, **_):
 
 def zero(prompts, completions, **_):
     return [0.0] * len(completions)
+
+def pad(prompts, completions, **_):
+    if len(completions) > 1:
+        raise ValueError("one row at a time")  # so the batch call fails and each row is repaired alone
+    return [None if len(completions[0]) % 2 == 0 else completions[0] + "!" * 40]
 """
 WARM = {"method": "rejection", "prompts": 4, "samples_per_prompt": 3, "temperature": 1.0, "epochs": 1.0,
         "batch_size": 2, "learning_rate": 0.01}
@@ -119,9 +124,37 @@ def test_reference_responses_are_the_targets(tiny_recipe, tmp_path):
     assert len(rows) == 4 and all(r["kept"] and r["completion"] == f"Answer {r['prompt'][9:-1]}." for r in rows)
 
 
+def test_repaired_samples_join_the_sampled_ones(tiny_recipe, tmp_path):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    recipe = tiny_recipe(warm_start=WARM | {"repair": f"{tmp_path / 'rewards.py'}:pad"},
+                         reward={"name": f"{tmp_path / 'rewards.py'}:length"}, run={"iterations": 1, "eval_every": 1})
+    assert main(["align", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "warm_start" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 3 * 2
+    failed = 0
+    for p in range(4):
+        mine = rows[6 * p:6 * p + 6]
+        sampled, fixed = mine[:3], mine[3:]
+        assert [r["repaired"] for r in mine] == [False] * 3 + [True] * 3
+        for s, f in zip(sampled, fixed):
+            assert s["sample"] == f["sample"] and s["prompt"] == f["prompt"]
+            if len(s["completion"]) % 2 == 0:  # the repair returned None: the sample stays as it was
+                failed += 1
+                assert f["completion"] == s["completion"]
+            else:
+                assert f["completion"] == s["completion"] + "!" * 40 and f["reward"] == 1.0
+        best = max(r["reward"] for r in mine)
+        assert [r["kept"] for r in mine] == [r is next(m for m in mine if m["reward"] == best) for r in mine]
+    summary = json.loads((tmp_path / "run" / "warm_start" / "summary.json").read_text())
+    assert summary["repair_failures"] == failed and summary["repaired_reward"] >= summary["sample_reward"]
+
+
 @pytest.mark.parametrize("sections, message", [
     ({"warm_start": {"method": "rejection"}, "lora": {"adapter": "ADAPTER"}},
      "warm_start.method: 'rejection' produces the starting adapter, so it cannot be combined with lora.adapter"),
+    ({"warm_start": {"method": "reference", "repair": "rewards.ifeval_repair:repair"}},
+     'warm_start.repair: repairs the base model\'s samples, so it needs warm_start.method = "rejection"'),
+    ({"warm_start": {**WARM, "repair": "nowhere.py:fix"}}, "warm_start.repair: file 'nowhere.py' not found"),
     ({"warm_start": {"method": "reference", "response_field": "solution"}},
      "warm_start.response_field: the training data has no column 'solution'"),
     ({"warm_start": {**WARM, "min_reward": 0.0}, "reward": {"name": "REWARDS:zero"}},
