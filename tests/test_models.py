@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from essa.errors import EssaError
-from essa.models import bundled_gguf, resolve_source
+from essa.models import bundled_gguf, keep_backward, quantization_config, resolve_source
 
 
 def test_gguf_file_and_alias_resolve_to_the_same_converted_directory(smollm2_dir):
@@ -73,3 +74,32 @@ def test_auto_dtype_is_bf16_for_4bit_models_on_a_cpu_that_multiplies_bf16():
     assert resolve_dtype("auto", cpu, "int8") == torch.float32
     assert resolve_dtype("float32", cpu, "nf4") == torch.float32  # an explicit dtype is kept
     assert resolve_dtype("auto", torch.device("cuda"), "none") == torch.bfloat16
+
+
+def lora_gradients(model_dir, evaluate_first: bool, keep: bool) -> dict[str, torch.Tensor]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 quantization_config=quantization_config("nf4", torch.float32))
+    if keep:
+        keep_backward(model)
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.arange(3, 20).unsqueeze(0)
+    if evaluate_first:  # what a held-out evaluation between training steps does
+        with torch.no_grad():
+            model.eval()(input_ids=ids)
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_4bit_model_still_trains_after_it_has_generated(tiny_model_dir):
+    """On CPUs with AVX512-BF16 every gradient is None without keep_backward (bitsandbytes' repacked
+    inference kernel has no backward); on others the check holds as well."""
+    fresh = lora_gradients(tiny_model_dir, evaluate_first=False, keep=False)
+    after = lora_gradients(tiny_model_dir, evaluate_first=True, keep=True)
+    assert fresh and all(g is not None for g in fresh.values())
+    for name, grad in fresh.items():
+        assert after[name] is not None, name
+        torch.testing.assert_close(after[name], grad)
