@@ -111,11 +111,16 @@ def test_task_recipes_run_small_and_evaluate(tmp_path, name, needs, metrics, tes
         pytest.skip("../shared/data is not beside the checkout")
     run = tmp_path / name
     argv = ["align", str(recipes.bundled(name)), "--out", str(run)]
-    for item in SMALL + ["run.iterations=1", "generation.max_new_tokens=16"]:
+    warm = recipes.load(recipes.bundled(name)).warm_start
+    for item in SMALL + ["run.iterations=1", "generation.max_new_tokens=16"] + (WARM_SMALL if warm.repair else []):
         argv += ["--set", item]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["iteration"] == 1 and rows[-1]["reward_failures"] == 0
+    if warm.repair:  # the IFEval recipe's warm start repairs its samples (rewards/ifeval_repair.py)
+        samples = [json.loads(line) for line in (run / "warm_start" / "samples.jsonl").read_text().splitlines()]
+        assert sum(s["repaired"] for s in samples) == 4 * 2
+        assert json.loads((run / "summary.json").read_text())["warm_start"]["repair_failures"] == 0
 
     adapter, report_path = tmp_path / "adapter", tmp_path / "report.json"
     assert main(["export", str(run), "--adapter", str(adapter)]) == 0
