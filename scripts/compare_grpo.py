@@ -2,10 +2,11 @@
 
 1. essa runs the recipe (`essa align`, first seed); its training seconds (generation + scoring +
    update, without held-out evaluations and model loading) set the budget.
-2. GRPO (scripts/grpo_baseline.py) sweeps learning rate × prompts per optimizer step (TRL's
-   gradient accumulation; each prompt gets `strategy.population` completions) for the same
-   training seconds. The configuration with the best final reward on the recipe's held-out prompts
-   is chosen: that split is for validation (for the IFEval recipe, generated prompts), never the test set.
+2. GRPO (scripts/grpo_baseline.py; from essa's warm-start adapter when the recipe has a warm start)
+   sweeps learning rate × prompts per optimizer step (TRL's gradient accumulation; each prompt gets
+   `strategy.population` completions) for the same training seconds. The configuration with the best
+   final reward on the recipe's held-out prompts is chosen: that split is for validation (for the IFEval
+   recipe, generated prompts), never the test set.
 3. essa and the chosen GRPO configuration run again with the other seeds, each GRPO run on its
    own seed's essa budget.
 4. With --test, every final adapter (essa's exported best-on-validation center, GRPO's last
@@ -68,6 +69,15 @@ def run_essa(recipe: Path, overrides: list[str], out: Path) -> dict:
                      *(["--resume"] if (out / "checkpoints").exists() else []))
         result.write_text(json.dumps(essa_curve(out), indent=1))
     return json.loads(result.read_text())
+
+
+def grpo_start(overrides: list[str], essa_run: Path) -> list[str]:
+    """GRPO starts where essa's search started: from essa's warm-start adapter when the recipe has a warm
+    start, so that the comparison is of the two alignment stages (the warm start, the same for both, is
+    outside the training-seconds budget)."""
+    adapter = essa_run / "warm_start" / "adapter"
+    return overrides + (["warm_start.method=none", 'warm_start.repair=""', f"lora.adapter={adapter}"]
+                        if (adapter / "adapter_config.json").is_file() else [])
 
 
 def run_grpo(recipe: Path, overrides: list[str], config: dict, budget_s: float, evals: int, use_vllm: bool,
@@ -227,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     def seed_run(seed: int, grpo_configs: list[dict]) -> tuple[dict, dict[str, dict], dict]:
         seeded = overrides + [f"run.seed={seed}"]
         essa = run_essa(recipe, seeded, out / f"essa-seed{seed}")
-        grpo = {config_name(c): run_grpo(recipe, seeded, c, essa["train_seconds"], args.evals, args.grpo_vllm,
+        start = grpo_start(seeded, out / f"essa-seed{seed}")
+        grpo = {config_name(c): run_grpo(recipe, start, c, essa["train_seconds"], args.evals, args.grpo_vllm,
                                          out / f"grpo-lr{c['learning_rate']:g}-p{c['prompts_per_step']}-seed{seed}")
                 for c in grpo_configs}
         return essa, grpo, summarize(essa, grpo)

@@ -2,7 +2,8 @@
 
 The same model (loaded by essa, so the same quantization), the same rendered prompts, the same
 reward (essa's scorer wrapped as a TRL reward function) and the same held-out evaluation (greedy,
-`generation.max_new_tokens`, mean reward over the held-out prompts). Each prompt gets
+`generation.max_new_tokens`, mean reward over the held-out prompts); with `lora.adapter` GRPO trains
+that adapter instead of a fresh one. Each prompt gets
 `strategy.population` completions (the group); one optimizer step sees `prompts_per_step` prompts
 (TRL's gradient accumulation), by default `data.prompts_per_iteration`: the rows one essa
 iteration generates. Used by bench_memory.py and compare_grpo.py; TRL comes from the `bench` extra.
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from datasets import Dataset as HFDataset
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -104,9 +105,12 @@ def grpo_trainer(recipe: Recipe, learning_rate: float, steps: int, output_dir: s
         save_strategy="no", use_cpu=not on_gpu, bf16=on_gpu and model.dtype == torch.bfloat16,
         disable_tqdm=True, **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.2}
                               if use_vllm else {}))
-    lora = recipe.lora
-    peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, target_modules=lora.target_modules,
-                             task_type="CAUSAL_LM")
+    lora, peft_config = recipe.lora, None
+    if lora.adapter:  # start from a given adapter (a warm start's), as essa's search does
+        model = PeftModel.from_pretrained(model, lora.adapter, is_trainable=True)
+    else:
+        peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
+                                 target_modules=lora.target_modules, task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=trl_reward(scorer, list(columns)), args=config,
                           train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
                           callbacks=list(callbacks))

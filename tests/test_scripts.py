@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,25 @@ def test_compare_grpo_quick_runs_both_methods_on_the_same_budget(tiny_recipe, tm
     assert report["across_seeds"]["essa_test"]["reward_mean"]["min"] <= report["across_seeds"][
         "essa_test"]["reward_mean"]["max"]
     assert compare.main(argv)["summary"] == summary  # a rerun reuses the finished runs
+
+
+def test_compare_grpo_starts_grpo_from_essas_warm_start(tiny_recipe, tmp_path):
+    from tests.test_warm_start import REWARDS, WARM
+
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    recipe = tiny_recipe(warm_start=WARM, reward={"name": f"{tmp_path / 'rewards.py'}:length"})
+    report = script("compare_grpo").main(["--recipe", str(recipe), "--quick", "--out", str(tmp_path / "out")])
+    (grpo,) = report["grpo"].values()
+    assert (tmp_path / "out" / "essa-seed0" / "warm_start" / "adapter").is_dir()
+    # GRPO's first held-out evaluation is of the warm-start adapter (essa's row 0), and it trained that
+    # adapter: its A matrices are a few small steps from the warm start's, not a fresh random init.
+    assert grpo["curve"][0]["heldout_reward"] == report["essa"]["curve"][0]["heldout_reward"]
+    warm = load_file(str(tmp_path / "out" / "essa-seed0" / "warm_start" / "adapter" / "adapter_model.safetensors"))
+    (trained_dir,) = (tmp_path / "out").glob("grpo-*-seed0")
+    trained = load_file(str(trained_dir / "adapter" / "adapter_model.safetensors"))
+    a = [k for k in warm if "lora_A" in k]
+    assert a and set(a) <= set(trained)
+    assert max(float((trained[k] - warm[k]).norm() / warm[k].norm()) for k in a) < 0.2
 
 
 def test_compare_grpo_summary_times_essa_to_grpos_final():
