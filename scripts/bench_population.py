@@ -17,7 +17,7 @@ of each is kept. For the HF engine on a CPU also the share of a population call 
 per-row low-rank terms; for the vLLM engine the seconds spent writing and loading adapters.
 
     python scripts/bench_population.py [--engines hf,vllm] [--precisions fp32,bf16,int8,nf4]
-        [--shapes 8x8x48,16x16x128] [--prompts format-instructions | ifeval]
+        [--shapes 8x8x48,16x16x128] [--prompts format-instructions | ifeval] [--no-generate-baseline]
         [--model smollm2-135m-instruct | --random qwen2.5-1.5b] [--quick] [--json out.json] [--plot out.png]
 
 `--prompts ifeval` takes real IFEval prompts (../shared/data) in the chat template with the IFEval
@@ -128,7 +128,7 @@ def roofline(model: torch.nn.Module, rows: int, repeats: int) -> dict:
 
 
 def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, shape: Shape, rank: int,
-             repeats: int) -> dict:
+             repeats: int, with_generate: bool = True) -> dict:
     model, tokenizer = load_model(cfg)
     prompts = render(tokenizer, prompts_raw[:shape.prompts], section)
     # Before any forward pass: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights at the first one.
@@ -159,10 +159,12 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, sh
         return gen.tokens, gen.seconds
 
     population_call()  # warm-up: first-call allocations, kernel selection and the 4-bit repacking
-    base()
-    best = best_of(repeats, {"generate": base, "population": population_call})
+    measures = {"population": population_call} | ({"generate": base} if with_generate else {})
+    if with_generate:
+        base()
+    best = best_of(repeats, measures)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"generate_tokens_per_s": best["generate"], "population_tokens_per_s": best["population"],
+    return {"generate_tokens_per_s": best.get("generate"), "population_tokens_per_s": best["population"],
             **roofline(model, min(shape.rows, 256), repeats), "search_dim": space.dim, "peak_gpu_mb": peak,
             "term_share": term_share(population_call)}
 
@@ -252,7 +254,8 @@ def run(args: argparse.Namespace, model: str) -> list[dict]:
                 print(f"measuring {engine} {precision} at {shape} ...", flush=True)
                 try:
                     if engine == "hf":
-                        row = bench_hf(cfg, heldout.prompts(), section, shape, args.rank, args.repeats)
+                        row = bench_hf(cfg, heldout.prompts(), section, shape, args.rank, args.repeats,
+                                       args.generate_baseline)
                     else:
                         row = bench_vllm(cfg, heldout.prompts(), section, shape, args.rank, args.repeats,
                                          "vllm" in engines)
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the quickstart's format instructions, or real IFEval prompts")
     parser.add_argument("--no-vllm-baseline", dest="vllm_baseline", action="store_false",
                         help="skip vLLM's base-model baseline (measured by default where vLLM is installed)")
+    parser.add_argument("--no-generate-baseline", dest="generate_baseline", action="store_false",
+                        help="skip plain `generate` (slow at long-prompt shapes: it keeps every padded row to the end)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model.name_or_path")
     parser.add_argument("--random", choices=sorted(SHAPES), help="a random-weight model of this shape instead")
     parser.add_argument("--device", default="auto", help="model.device")
