@@ -152,7 +152,7 @@ def _recipe_check(args: argparse.Namespace) -> None:
     from essa.data import is_hub
     from essa.models import is_hub_id
     from essa.plan import plan
-    from essa.preflight import check_model, load_data
+    from essa.preflight import check_model, check_repair, load_data
     from essa.scoring import Scorer
 
     recipe = recipes.load(args.recipe, args.overrides)
@@ -174,8 +174,12 @@ def _recipe_check(args: argparse.Namespace) -> None:
             raise
         notes.append(f"  data not checked: {err}")
     reward = recipe.reward
-    Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb,
-                       columns).close()
+    scorer = Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb,
+                                columns)
+    try:
+        check_repair(recipe, scorer, columns)
+    finally:
+        scorer.close()
     print(f"{args.recipe}: valid")
     for note in notes:
         print(note)

@@ -102,6 +102,11 @@ def check_inputs(recipe: Recipe) -> Inputs:
     columns = sorted(set(train.columns()) & set(heldout.columns()))
     scorer = Scorer.from_recipe(reward.name, reward.weights, reward.kwargs, reward.timeout_s, reward.memory_gb,
                                 columns)
+    try:
+        check_repair(recipe, scorer, list(train.columns()))
+    except BaseException:
+        scorer.close()
+        raise
     return Inputs(train, heldout, scorer)
 
 
@@ -111,6 +116,12 @@ def check_warm_start(recipe: Recipe, train: Dataset) -> None:
         raise RecipeError(recipe.source, "warm_start.response_field",
                           f"the training data has no column {cfg.response_field!r} to fine-tune on; its columns: "
                           + (", ".join(sorted(train.columns())) or "none besides the prompt"))
+
+
+def check_repair(recipe: Recipe, scorer: Scorer, columns: list[str] | None) -> None:
+    """`warm_start.repair` imported in the reward's child, which runs it, with the columns it needs."""
+    if recipe.warm_start.repair:
+        scorer.process.check(recipe.warm_start.repair, {}, columns, field="warm_start.repair")
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:

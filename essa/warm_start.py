@@ -254,8 +254,6 @@ def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_di
     if root.exists():
         remove_tree(root)
     root.mkdir(parents=True)
-    if recipe.warm_start.repair:
-        scorer.process.check(recipe.warm_start.repair, {}, list(train.columns()), field="warm_start.repair")
     start = time.perf_counter()
     with phase(console, "warm start: loading the model"):
         model, tokenizer = load_model(recipe.model)

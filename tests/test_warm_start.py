@@ -124,6 +124,12 @@ def test_reference_responses_are_the_targets(tiny_recipe, tmp_path):
     assert len(rows) == 4 and all(r["kept"] and r["completion"] == f"Answer {r['prompt'][9:-1]}." for r in rows)
 
 
+def test_recipe_check_checks_the_repair(tiny_recipe, capsys):
+    recipe = tiny_recipe(warm_start=WARM | {"repair": "rewards.ifeval_repair:nothing"})
+    assert main(["recipe", "check", str(recipe)]) == 2
+    assert "warm_start.repair: cannot load 'rewards.ifeval_repair:nothing'" in capsys.readouterr().err
+
+
 def test_repaired_samples_join_the_sampled_ones(tiny_recipe, tmp_path):
     (tmp_path / "rewards.py").write_text(REWARDS)
     recipe = tiny_recipe(warm_start=WARM | {"repair": f"{tmp_path / 'rewards.py'}:pad"},
@@ -155,6 +161,8 @@ def test_repaired_samples_join_the_sampled_ones(tiny_recipe, tmp_path):
     ({"warm_start": {"method": "reference", "repair": "rewards.ifeval_repair:repair"}},
      'warm_start.repair: repairs the base model\'s samples, so it needs warm_start.method = "rejection"'),
     ({"warm_start": {**WARM, "repair": "nowhere.py:fix"}}, "warm_start.repair: file 'nowhere.py' not found"),
+    ({"warm_start": {**WARM, "repair": "rewards.ifeval_repair:nothing"}},
+     "warm_start.repair: cannot load 'rewards.ifeval_repair:nothing'"),
     ({"warm_start": {"method": "reference", "response_field": "solution"}},
      "warm_start.response_field: the training data has no column 'solution'"),
     ({"warm_start": {**WARM, "min_reward": 0.0}, "reward": {"name": "REWARDS:zero"}},
