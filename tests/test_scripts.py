@@ -91,6 +91,14 @@ def test_bench_population_quick_reports_every_precision(tiny_model_dir, tmp_path
     assert (tmp_path / "population.png").stat().st_size > 0
 
 
+def test_bench_population_can_skip_plain_generate(tiny_model_dir):
+    report = script("bench_population").main(["--model", str(tiny_model_dir), "--quick", "--precisions", "fp32",
+                                              "--no-vllm-baseline", "--no-generate-baseline"])
+    (row,) = report["results"]
+    assert row["generate_tokens_per_s"] is None and row["ratio_to_generate"] is None
+    assert row["population_tokens_per_s"] > 0
+
+
 @pytest.mark.parametrize("shape, billions", [("qwen2.5-0.5b", 0.494), ("qwen2.5-1.5b", 1.544), ("qwen2.5-7b", 7.616)])
 def test_random_models_have_the_published_parameter_counts(shape, billions):
     config = script("random_models").config_for(shape, vocab_size=0)
