@@ -9,7 +9,16 @@ import pytest
 from essa import interrupts
 
 
-def test_a_swallowed_sigint_is_raised_again_by_check():
+@pytest.fixture
+def python_sigint():
+    """Python's usual SIGINT handler for the test, whatever the test process was started with (a shell's
+    background job starts with SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_swallowed_sigint_is_raised_again_by_check(python_sigint):
     with interrupts.recorded():
         interrupts.check()  # nothing received yet
         try:
