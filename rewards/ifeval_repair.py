@@ -38,13 +38,16 @@ def finished(text: str) -> str:
     return " ".join(parts)
 
 
-def groups(text: str, n: int) -> list[str]:
-    """The text in n consecutive groups of nearly equal size: of whole sentences when it has n, else of
-    words (a format the checker counts matters more here than where a sentence ends); empty when it
-    has fewer than n words."""
+def units(text: str, n: int) -> list[str]:
+    """Its sentences when it has n, else its words: a format the checker counts matters more here than
+    where a sentence ends."""
     parts = sentences(text)
-    if len(parts) < n:
-        parts = text.split()
+    return parts if len(parts) >= n else text.split()
+
+
+def groups(text: str, n: int) -> list[str]:
+    """The text's `units` in n consecutive groups of nearly equal size; empty when it has fewer than n."""
+    parts = units(text, n)
     if n < 1 or len(parts) < n:
         return []
     size, extra = divmod(len(parts), n)
@@ -80,9 +83,7 @@ def bullets(text: str, kw: dict) -> str:
 def highlights(text: str, kw: dict) -> str:
     """The first n sentences (else words) as `*...*`."""
     n = int(kw.get("num_highlights") or 0)
-    parts = sentences(text)
-    if len(parts) < n:
-        parts = text.split()
+    parts = units(text, n)
     if len(parts) < n:
         return text
     return " ".join([f"*{p.rstrip('.!?')}*{p[len(p.rstrip('.!?')):]}" for p in parts[:n]] + parts[n:])
