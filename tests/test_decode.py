@@ -7,7 +7,7 @@ from transformers.cache_utils import DynamicLayer
 
 from essa.engines import HFEngine
 from essa.engines.cache import BlockLayer, fill_holes
-from essa.engines.decode import decode
+from essa.engines.decode import decode, shared_prefix
 from essa.models import load_tokenizer
 from essa.svd import build_space
 from tests.conftest import PROMPTS, greedy
@@ -65,15 +65,41 @@ def test_alike_rows_prefill_each_distinct_prompt_once(tiny_model_dir):
     """k copies of a prompt under one model: one prefill per distinct prompt, the same tokens as without."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    prompts = [p for p in CHAT for _ in range(3)]
+    prompts = [p for p in PROMPTS for _ in range(3)]  # no prefix shared by all prompts
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     args = (model, batch["input_ids"], batch["attention_mask"], 10, torch.tensor([tokenizer.eos_token_id]),
             tokenizer.pad_token_id)
     seen = []
-    alike = decode(*args, use_rows=lambda index: seen.append(index.tolist()), rows_alike=True)
-    assert sorted(seen[0]) == [3 * i for i in range(len(CHAT))], "the prefill runs the first row of each prompt"
+    alike = decode(*args, use_rows=lambda index: seen.append(index.tolist()),
+                   groups=torch.zeros(len(prompts), dtype=torch.long))
+    assert sorted(seen[0]) == [3 * i for i in range(len(PROMPTS))], "the prefill runs the first row of each prompt"
     assert seen[1] == list(range(len(prompts)))
     assert torch.equal(alike, decode(*args))
+
+
+def test_shared_prefix_is_prefilled_once_per_group(tiny_model_dir):
+    """Two candidates' rows over prompts behind one system turn: the turn is prefilled by one row per
+    candidate, then each row prefills its own tokens after it; the tokens equal plain `generate`."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = CHAT + CHAT
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    system = len(tokenizer(SYSTEM, add_special_tokens=False)["input_ids"])
+    assert shared_prefix(batch["input_ids"], batch["attention_mask"]) >= system - 1
+    seen = []
+    groups = torch.tensor([0] * len(CHAT) + [1] * len(CHAT))
+    new = decode(model, batch["input_ids"], batch["attention_mask"], 12, torch.tensor([tokenizer.eos_token_id]),
+                 tokenizer.pad_token_id, use_rows=lambda index: seen.append(index.tolist()), groups=groups)
+    assert seen[:2] == [[0, len(CHAT)], list(range(len(prompts)))], "one row per group, then every row"
+    assert torch.equal(new, reference(model, tokenizer, prompts, 12, tokenizer.eos_token_id))
+
+
+def test_shared_prefix_leaves_every_row_a_token_of_its_own():
+    ids = torch.tensor([[0, 5, 6, 7], [5, 6, 7, 8], [0, 0, 5, 6]])
+    mask = (ids != 0).long()
+    assert shared_prefix(ids, mask) == 1  # the shortest prompt, [5, 6], keeps its last token
+    assert shared_prefix(ids[:2], mask[:2]) == 2
+    assert shared_prefix(torch.tensor([[4, 5], [3, 5]]), torch.ones(2, 2, dtype=torch.long)) == 0
 
 
 def test_fill_holes_moves_only_the_rows_beyond_the_new_size():

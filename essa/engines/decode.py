@@ -9,12 +9,16 @@ and tells the caller which rows are active (`use_rows`) whenever that changes: t
 prompts are prefilled once, each step feeds one token per active row through the model with a KV cache
 that grows by blocks (essa/engines/cache.py), and rows that finish are dropped from the cache,
 the mask and the caller's per-row state (the rows that stay may change places: `use_rows` says
-where each one is). Each row computes exactly what `generate` computes for it, so greedy
-outputs are those of `generate` (prefilling a shared prompt prefix once per candidate was
-measured 10% faster, but changes NF4 outputs on CPUs where bitsandbytes computes in bf16;
-docs/benchmarks.md). Sampling (temperature > 0, for the warm start's best-of-k samples) draws each
-active row's next token from softmax(logits / temperature) with the caller's generator, so a seed
-gives the same samples.
+where each one is). Each row computes what `generate` computes for it, so greedy outputs are
+those of `generate` up to rounding. Rows that compute the same function (a population's rows of
+one candidate, k samples of one model: `groups`) share their prefill where their prompts do: the
+token prefix every prompt of a batch starts with (a chat template's system turn, a third to half
+of a short prompt) is prefilled once per group and each row prefills only the rest, and rows of
+one group with the same prompt are prefilled once. In float64 that is equal to `generate` (tested);
+in reduced precision it rounds differently (attention sums over other lengths), which the
+numerics policy of docs/benchmarks.md judges by results. Sampling (temperature > 0, for the warm
+start's best-of-k samples) draws each active row's next token from softmax(logits / temperature)
+with the caller's generator, so a seed gives the same samples.
 """
 
 from __future__ import annotations
@@ -37,32 +41,77 @@ def last_logits(model: PreTrainedModel, ids: Tensor, mask: Tensor, positions: Te
                  logits_to_keep=last).logits[:, -1]
 
 
-def distinct_rows(ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(first row of each distinct prompt, which of them each row is)."""
-    _, inverse = torch.unique(ids, dim=0, return_inverse=True)
-    rows = torch.arange(len(ids), device=ids.device)
-    first = torch.full((int(inverse.max()) + 1,), len(ids), device=ids.device).scatter_reduce_(0, inverse, rows, "amin")
-    return first, inverse
+def distinct_rows(values: Tensor) -> tuple[Tensor, Tensor]:
+    """(first row of each distinct row of `values`, which of them each row is)."""
+    _, inverse = torch.unique(values, dim=0, return_inverse=True)
+    rows = torch.arange(len(values), device=values.device)
+    first = torch.full((int(inverse.max()) + 1,), len(values), device=values.device)
+    return first.scatter_reduce_(0, inverse, rows, "amin"), inverse
+
+
+def shared_prefix(ids: Tensor, mask: Tensor) -> int:
+    """How many tokens every left-padded prompt starts with alike, leaving each row at least one of its own."""
+    starts = mask.argmax(1)
+    most = int((ids.shape[1] - starts).min()) - 1
+    if most <= 0:
+        return 0
+    tokens = ids.gather(1, starts[:, None] + torch.arange(most, device=ids.device))
+    return int((tokens == tokens[:1]).all(0).long().cumprod(0).sum())
+
+
+Prefilled = tuple[Cache, Tensor, Tensor, Tensor]  # cache, attention mask, last position ids, last logits
 
 
 def prefill(model: PreTrainedModel, ids: Tensor, mask: Tensor, use_rows: Callable[[Tensor], None] = lambda rows: None,
-            rows_alike: bool = False) -> tuple[Cache, Tensor, Tensor]:
-    """(cache, last position ids, last logits) for left-padded prompts. With `rows_alike` (every row
-    computes the same function of its prompt, as k samples of one model do), each distinct prompt is
-    prefilled once and its cache copied to its rows: prefill costs about as much as all the decode
-    steps of a 48-token answer, so best-of-8 sampling pays it once instead of 8 times."""
-    if rows_alike:
-        first, inverse = distinct_rows(ids)
-        if len(first) < len(ids):
-            use_rows(first)
-            cache, positions, logits = prefill(model, ids[first], mask[first])
-            cache.batch_select_indices(inverse)
-            use_rows(torch.arange(len(ids), device=ids.device))
-            return cache, positions[inverse], logits[inverse]
+            groups: Tensor | None = None) -> Prefilled:
+    """The cache, mask, last position ids and last logits of left-padded prompts. `groups[i]`: rows in
+    one group compute the same function of their prompt (None: every row its own). Prefill costs
+    about as much as all the decode steps of a 48-token answer, so it is shared where it can be."""
+    if groups is None:
+        return prefill_rows(model, ids, mask)
+    first, inverse = distinct_rows(torch.cat([groups[:, None], ids], 1))
+    if len(first) < len(ids):  # k samples of a prompt: prefill it once, copy its cache to its rows
+        use_rows(first)
+        cache, mask, positions, logits = prefill(model, ids[first], mask[first], lambda rows: use_rows(first[rows]),
+                                                 groups[first])
+        cache.batch_select_indices(inverse)
+        use_rows(torch.arange(len(ids), device=ids.device))
+        return cache, mask[inverse], positions[inverse], logits[inverse]
+    length, (leaders, group_of) = shared_prefix(ids, mask), distinct_rows(groups)
+    # The prefix costs one more forward pass, about one decode step of every row: worth it when it
+    # saves more than a token per row.
+    if (len(ids) - len(leaders)) * length < len(ids):
+        return prefill_rows(model, ids, mask)
+    return prefill_after_prefix(model, ids, mask, length, leaders, group_of, use_rows)
+
+
+def prefill_rows(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> Prefilled:
     cache = block_cache(model.config)
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     logits = last_logits(model, ids, mask, positions, cache)
-    return cache, positions[:, -1:], logits
+    return cache, mask, positions[:, -1:], logits
+
+
+def prefill_after_prefix(model: PreTrainedModel, ids: Tensor, mask: Tensor, length: int, leaders: Tensor,
+                         group_of: Tensor, use_rows: Callable[[Tensor], None]) -> Prefilled:
+    """The first `length` tokens, common to every prompt, prefilled by one row of each group (`leaders`)
+    and copied to the group's rows; then each row's own tokens, left-padded after the prefix (the
+    mask and the position ids skip the padding, so each row computes what it would unpadded)."""
+    start = int(mask[0].argmax())
+    prefix = ids[:1, start:start + length].expand(len(leaders), length)
+    use_rows(leaders)
+    cache = block_cache(model.config)
+    ones = mask.new_ones(len(leaders), length)
+    last_logits(model, prefix, ones, (ones.cumsum(-1) - 1), cache)
+    cache.batch_select_indices(group_of)
+    use_rows(torch.arange(len(ids), device=ids.device))
+    own = ids.shape[1] - mask.argmax(1) - length      # each row's tokens after the prefix
+    width = int(own.max())
+    rest = torch.arange(width, device=ids.device)[None] >= (width - own)[:, None]
+    mask = torch.cat([mask.new_ones(len(ids), length), rest.to(mask.dtype)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+    logits = last_logits(model, ids[:, -width:], mask, positions[:, length:], cache)
+    return cache, mask, positions[:, -1:], logits
 
 
 def pick_tokens(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -78,15 +127,14 @@ def pick_tokens(logits: Tensor, temperature: float, generator: torch.Generator |
 def decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
            stop_ids: Tensor, pad_id: int, use_rows: Callable[[Tensor], None] = lambda rows: None,
            on_step: Callable[[int, int], None] | None = None, temperature: float = 0.0,
-           generator: torch.Generator | None = None, rows_alike: bool = False) -> Tensor:
+           generator: torch.Generator | None = None, groups: Tensor | None = None) -> Tensor:
     """New tokens [rows, max_new_tokens]: each row's greedy (or, at `temperature` > 0, sampled)
     continuation of its (left-padded) prompt up to and including its first stop token, `pad_id` after
     it. `use_rows(index)` is called with the indices of the rows in the next forward pass whenever they
-    change; `on_step(finished rows, tokens generated)` after every step, for progress. `rows_alike`:
-    see `prefill`."""
-    mask = attention_mask
+    change; `on_step(finished rows, tokens generated)` after every step, for progress. `groups`: see
+    `prefill`."""
     new = torch.full((len(input_ids), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
-    cache, positions, logits = prefill(model, input_ids, mask, use_rows, rows_alike)
+    cache, mask, positions, logits = prefill(model, input_ids, attention_mask, use_rows, groups)
     active = torch.arange(len(input_ids), device=input_ids.device)
     tokens = 0
     for step in range(max_new_tokens):

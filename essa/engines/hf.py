@@ -6,11 +6,11 @@ similar prompt length of at most `generation.batch_rows` rows and `generation.ba
 tokens of cache (essa/engines/rows.py). Forward hooks on the adapted linear layers add each
 row's own low-rank term, computed from the frozen SVD factors and that row's singular values:
 
-    delta(x) = scaling · ((((x V_A) ⊙ s_A[row]) U_Aᵀ V_B) ⊙ s_B[row]) U_Bᵀ
+    delta(x) = (x V_A) C[row] U_Bᵀ,   C[row] = scaling · diag(s_A[row]) U_Aᵀ V_B diag(s_B[row])
 
 which is x (B A)ᵀ for that row's candidate, without materializing A or B. The shared matmuls
-have width `rank` and the per-row part is an elementwise scale, so a population costs about as
-much as the same number of sequences of plain batched inference.
+have width `rank` and the per-row part is an r × r core, so a population costs about as much as
+the same number of sequences of plain batched inference.
 """
 
 from __future__ import annotations
@@ -22,41 +22,35 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from essa.engines.attention import use_gqa_sdpa
-from essa.engines.decode import decode
+from essa.engines.decode import decode, distinct_rows
 from essa.engines.rows import Chunking, Generation, OnChunk, OnRows, Rows, RowsOutput, generate, prompt_lengths
 from essa.svd import SVDSpace
 
 
 class _RowLoRA:
-    """The low-rank term of one module, with per-row singular values."""
+    """The low-rank term of one module, with per-row singular values folded into one r × r core per row."""
 
     def __init__(self, factors, dtype: torch.dtype, device: torch.device) -> None:
         a, b = factors.a, factors.b
         self.v_a = a.V.to(device, dtype)                  # in × r
-        self.mix = (a.U.T @ b.V).to(device, dtype)        # r × r
+        self.mix = (a.U.T @ b.V).to(device, dtype) * factors.scaling  # r × r
         self.u_b_t = b.U.T.contiguous().to(device, dtype)  # r × out
-        self.scaling = factors.scaling
-        self.rows: tuple[Tensor, Tensor] | None = None  # (s_A, s_B) of every row of the batch
-        self.s_a: Tensor | None = None                   # those of the rows in the next forward pass
-        self.s_b: Tensor | None = None
+        self.cores: Tensor | None = None  # diag(s_A) mix diag(s_B) of every row of the batch
+        self.core: Tensor | None = None   # those of the rows in the next forward pass
 
     def set_rows(self, s_a: Tensor, s_b: Tensor) -> None:
-        self.rows = (s_a, s_b)
-        self.s_a, self.s_b = s_a, s_b
+        self.cores = s_a[:, :, None] * self.mix * s_b[:, None, :]
+        self.core = self.cores
 
     def use_rows(self, index: Tensor) -> None:
-        self.s_a, self.s_b = self.rows[0][index], self.rows[1][index]
+        self.core = self.cores[index]
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        # Two elementwise scales rather than one r × r core per row: the core rounds differently in
-        # float32, which flips greedy tokens where bitsandbytes computes the next layer in bf16.
         x = args[0]
-        if self.s_a is None or x.shape[0] != self.s_a.shape[0]:
+        if self.core is None or x.shape[0] != self.core.shape[0]:
             raise RuntimeError("population rows were not set for this batch")
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        h = (x.to(self.v_a.dtype) @ self.v_a) * self.s_a.view(shape)
-        h = (h @ self.mix) * self.s_b.view(shape)
-        return output + (h @ self.u_b_t).to(output.dtype) * self.scaling
+        h = torch.bmm(x.to(self.v_a.dtype) @ self.v_a, self.core) @ self.u_b_t  # x: [rows, tokens, in]
+        return output + h.to(output.dtype)
 
 
 class PopulationLoRA:
@@ -90,6 +84,13 @@ def lora_compute_dtype(model: PreTrainedModel) -> torch.dtype:
     of 5 would round away. The term's matmuls have width `rank`, so this costs little."""
     activations = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
     return torch.promote_types(activations, torch.float32)
+
+
+def same_candidate(candidates: Tensor, members: Tensor) -> Tensor:
+    """A group per distinct candidate, for each row: rows in one group compute the same function."""
+    if candidates.shape[1] == 0:
+        return torch.zeros(len(members), dtype=torch.long)
+    return distinct_rows(candidates)[1][members]
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -133,13 +134,12 @@ class HFEngine:
         start = time.perf_counter()
         members = torch.tensor(rows.members)
         self.lora.set_rows(candidates, members)
-        chosen = candidates[members]
         batch = self.tokenizer([prompts[j] for j in rows.prompts], return_tensors="pt", padding=True,
                                add_special_tokens=False).to(self.lora.device)
         new = decode(self.model, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
                      self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows,
                      on_rows and (lambda finished, tokens: on_rows(finished, len(rows), tokens)),
-                     self.temperature, self.generator, rows_alike=bool((chosen == chosen[:1]).all())).cpu()
+                     self.temperature, self.generator, same_candidate(candidates, members).to(self.lora.device)).cpu()
         return RowsOutput(self.tokenizer.batch_decode(new, skip_special_tokens=True),
                           int(count_generated(new, self.stop_ids).sum()), time.perf_counter() - start)
 
