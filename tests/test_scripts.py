@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bitsandbytes.functional import has_avx512bf16
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -86,9 +87,24 @@ def test_bench_population_quick_reports_every_precision(tiny_model_dir, tmp_path
         assert row["roofline_tokens_per_s"] > row["population_tokens_per_s"], "a ceiling the engine cannot pass"
         assert row["ratio_to_generate"] == pytest.approx(row["population_tokens_per_s"] / row["generate_tokens_per_s"])
         assert 0 < row["term_share"] < 1
+        # the engine's 4-bit path beside bitsandbytes' kernel alone, where bitsandbytes repacks (AVX512-BF16)
+        beside = row["precision"] == "nf4" and has_avx512bf16()
+        assert (row["population_bnb_kernel_tokens_per_s"] or 0) > 0 if beside else \
+            row["population_bnb_kernel_tokens_per_s"] is None
     assert json.loads((tmp_path / "population.json").read_text()) == json.loads(json.dumps(report))
     assert "nf4" in capsys.readouterr().out
     assert (tmp_path / "population.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+def test_bench_wide4bit_quick_times_both_paths_of_every_4bit_layer(tiny_model_dir, tmp_path):
+    report = script("bench_wide4bit").main(["--model", str(tiny_model_dir), "--quick",
+                                            "--json", str(tmp_path / "w.json")])
+    assert [r["rows"] for r in report["results"]] == [1, 64]
+    for row in report["results"]:
+        assert row["kernel_ms"] > 0 and row["dequantized_ms"] > 0
+        assert row["kernel_over_dequantized"] == pytest.approx(row["kernel_ms"] / row["dequantized_ms"])
+    assert json.loads((tmp_path / "w.json").read_text()) == json.loads(json.dumps(report))
 
 
 def test_bench_population_can_skip_plain_generate(tiny_model_dir):

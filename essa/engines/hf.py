@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from essa.engines.attention import use_gqa_sdpa
 from essa.engines.decode import decode, distinct_rows
 from essa.engines.rows import Chunking, Generation, OnChunk, OnRows, Rows, RowsOutput, generate, prompt_lengths
+from essa.engines.wide4bit import MIN_ROWS, WideBatches4bit
 from essa.svd import SVDSpace
 
 
@@ -110,16 +111,19 @@ def count_generated(new_tokens: Tensor, stop_ids: set[int]) -> Tensor:
 
 class HFEngine:
     """Evaluate populations of candidates with one batched decode per chunk of rows: greedy, or sampled
-    at `temperature` > 0 from a generator seeded with `seed` (the warm start's best-of-k samples)."""
+    at `temperature` > 0 from a generator seeded with `seed` (the warm start's best-of-k samples).
+    `wide_4bit_rows`: inputs of at least this many token rows multiply 4-bit CPU layers through their
+    dequantized weight (essa/engines/wide4bit.py); None keeps bitsandbytes' kernel throughout."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
                  max_new_tokens: int, batch_rows: int, batch_tokens: int = Chunking.tokens,
-                 temperature: float = 0.0, seed: int = 0) -> None:
+                 temperature: float = 0.0, seed: int = 0, wide_4bit_rows: int | None = MIN_ROWS) -> None:
         self.model, self.tokenizer, self.space = model, tokenizer, space
         self.max_new_tokens = max_new_tokens
         self.plan = Chunking(batch_rows, True, batch_tokens, max_new_tokens)
         self.lora = PopulationLoRA(model, space, lora_compute_dtype(model))
         self.restore_attention = use_gqa_sdpa(model)
+        self.wide = WideBatches4bit(model, wide_4bit_rows) if wide_4bit_rows else None
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.lora.device)
         self.temperature = temperature
@@ -149,5 +153,7 @@ class HFEngine:
 
     def close(self) -> None:
         self.lora.remove()
+        if self.wide:
+            self.wide.restore()
         if self.restore_attention:
             self.model.set_attn_implementation(self.restore_attention)
