@@ -12,8 +12,9 @@ So each 4-bit layer keeps bitsandbytes' kernel for narrow inputs (a decode's las
 sends inputs of at least `min_rows` token rows (prefill, a population's decode steps) through
 the dequantized weight. That needs the weight in bitsandbytes' portable layout beside the
 repacked one: half a byte per weight more, a quarter of a bf16 copy. bitsandbytes has no switch
-between its two CPU paths per call, hence this wrapper; it changes no module of the model, only
-which of bitsandbytes' own functions multiplies, and `restore` undoes it.
+between its two CPU paths per call, hence this wrapper. It replaces no module and no weight: it sets
+each layer's `forward` to choose between bitsandbytes' own functions for the engine's lifetime,
+and `restore` removes it.
 """
 
 from __future__ import annotations
