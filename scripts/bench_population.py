@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import tempfile
 import textwrap
 import time
@@ -45,7 +43,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from machine import cpu_model
+from machine import cpu_model, script_report
 from random_models import SHAPES, build_random_model
 
 from essa import extras
@@ -378,9 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(results, title)
     if args.plot:
         plot(results, title, args.plot)
-    report = {"model": name, "device": device, "machine": platform.machine(), "torch": torch.__version__,
-              "command": " ".join(["python scripts/bench_population.py", *(sys.argv[1:] if argv is None else argv)]),
-              "results": results}
+    report = script_report("bench_population.py", argv, model=name, device=device) | {"results": results}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return report

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model
+from machine import cpu_model, script_report
 
 from essa.engines.wide4bit import WideBatches4bit, wraps
 from essa.errors import EssaError
@@ -78,10 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
         results = run(args.model, [int(n) for n in args.rows.split(",")], args.repeats)
     except EssaError as err:
         sys.exit(f"error: {err}")
-    report = {"model": args.model, "device": f"CPU {cpu_model()} ({torch.get_num_threads()} threads)",
-              "machine": platform.machine(), "torch": torch.__version__,
-              "command": " ".join(["python scripts/bench_wide4bit.py", *(sys.argv[1:] if argv is None else argv)]),
-              "results": results}
+    device = f"CPU {cpu_model()} ({torch.get_num_threads()} threads)"
+    report = script_report("bench_wide4bit.py", argv, model=args.model, device=device) | {"results": results}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 from pathlib import Path
 
 
@@ -14,3 +15,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def script_report(script: str, argv: list[str] | None, **fields) -> dict:
+    """A script's JSON report: `fields`, then the machine, torch's version and the command that made it."""
+    import torch
+
+    command = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
+    return {**fields, "machine": platform.machine(), "torch": torch.__version__, "command": command}
