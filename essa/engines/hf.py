@@ -19,12 +19,13 @@ import time
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from essa.engines.attention import use_gqa_sdpa
 from essa.engines.decode import decode, distinct_rows
+from essa.engines.dense4bit import Dense4bit
 from essa.engines.rows import Chunking, Generation, OnChunk, OnRows, Rows, RowsOutput, generate, prompt_lengths
-from essa.engines.wide4bit import MIN_ROWS, WideBatches4bit
 from essa.svd import SVDSpace
 
 
@@ -33,9 +34,11 @@ class _RowLoRA:
 
     def __init__(self, factors, dtype: torch.dtype, device: torch.device) -> None:
         a, b = factors.a, factors.b
-        self.v_a = a.V.to(device, dtype)                  # in × r
+        # Stored as F.linear takes them: its kernel multiplies [rows, in] by a contiguous [r, in]
+        # four times faster than `@` by [in, r] (22 vs 90 us at 256 rows of SmolLM2, float32).
+        self.v_a_t = a.V.T.contiguous().to(device, dtype)  # r × in
         self.mix = (a.U.T @ b.V).to(device, dtype) * factors.scaling  # r × r
-        self.u_b_t = b.U.T.contiguous().to(device, dtype)  # r × out
+        self.u_b = b.U.contiguous().to(device, dtype)      # out × r
         self.cores: Tensor | None = None  # diag(s_A) mix diag(s_B) of every row of the batch
         self.core: Tensor | None = None   # those of the rows in the next forward pass
 
@@ -50,8 +53,9 @@ class _RowLoRA:
         x = args[0]
         if self.core is None or x.shape[0] != self.core.shape[0]:
             raise RuntimeError("population rows were not set for this batch")
-        h = torch.bmm(x.to(self.v_a.dtype) @ self.v_a, self.core) @ self.u_b_t  # x: [rows, tokens, in]
-        return output + h.to(output.dtype)
+        x = x.to(self.v_a_t.dtype)  # [rows, tokens, in]
+        h = F.linear(torch.bmm(F.linear(x, self.v_a_t), self.core), self.u_b)
+        return output.add_(h)  # summed in the term's precision, rounded once to the output's
 
 
 class PopulationLoRA:
@@ -112,18 +116,18 @@ def count_generated(new_tokens: Tensor, stop_ids: set[int]) -> Tensor:
 class HFEngine:
     """Evaluate populations of candidates with one batched decode per chunk of rows: greedy, or sampled
     at `temperature` > 0 from a generator seeded with `seed` (the warm start's best-of-k samples).
-    `wide_4bit_rows`: inputs of at least this many token rows multiply 4-bit CPU layers through their
-    dequantized weight (essa/engines/wide4bit.py); None keeps bitsandbytes' kernel throughout."""
+    `dense_4bit`: 4-bit CPU layers multiply through a bf16 copy of their dequantized weight
+    (essa/engines/dense4bit.py); False keeps bitsandbytes' kernel."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
                  max_new_tokens: int, batch_rows: int, batch_tokens: int = Chunking.tokens,
-                 temperature: float = 0.0, seed: int = 0, wide_4bit_rows: int | None = MIN_ROWS) -> None:
+                 temperature: float = 0.0, seed: int = 0, dense_4bit: bool = True) -> None:
         self.model, self.tokenizer, self.space = model, tokenizer, space
         self.max_new_tokens = max_new_tokens
         self.plan = Chunking(batch_rows, True, batch_tokens, max_new_tokens)
         self.lora = PopulationLoRA(model, space, lora_compute_dtype(model))
         self.restore_attention = use_gqa_sdpa(model)
-        self.wide = WideBatches4bit(model, wide_4bit_rows) if wide_4bit_rows else None
+        self.dense = Dense4bit(model) if dense_4bit else None
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.lora.device)
         self.temperature = temperature
@@ -153,7 +157,7 @@ class HFEngine:
 
     def close(self) -> None:
         self.lora.remove()
-        if self.wide:
-            self.wide.restore()
+        if self.dense:
+            self.dense.restore()
         if self.restore_attention:
             self.model.set_attn_implementation(self.restore_attention)

@@ -12,7 +12,7 @@ from essa.engines.hf import HFEngine
 from essa.engines.vllm import VLLMEngine, check_supported, memory_args
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.preflight import SPACE_FILE
-from essa.recipe import Recipe
+from essa.recipe import GenerationSection, Recipe
 from essa.svd import SVDSpace, build_space
 
 
@@ -29,11 +29,17 @@ def load_space(run_dir: Path, recipe: Recipe, model: Callable[[], PreTrainedMode
     return space
 
 
+def engine_for(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace, gen: GenerationSection,
+               temperature: float = 0.0, seed: int = 0) -> HFEngine:
+    """The HF engine as a recipe's `[generation]` section sets it up."""
+    return HFEngine(model, tokenizer, space, gen.max_new_tokens, gen.batch_rows, gen.batch_tokens, temperature, seed,
+                    gen.dense_4bit)
+
+
 def hf_engine(recipe: Recipe, run_dir: Path) -> tuple[HFEngine, PreTrainedTokenizerBase]:
     model, tokenizer = load_model(recipe.model)
     space = load_space(run_dir, recipe, lambda: model)
-    gen = recipe.generation
-    return HFEngine(model, tokenizer, space, gen.max_new_tokens, gen.batch_rows, gen.batch_tokens), tokenizer
+    return engine_for(model, tokenizer, space, recipe.generation), tokenizer
 
 
 def tensor_parallel_args(gpus: int) -> dict:

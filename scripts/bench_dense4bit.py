@@ -1,12 +1,12 @@
-"""Where a 4-bit layer's dequantized weight beats bitsandbytes' CPU kernel: the break-even row count.
+"""A model's 4-bit layers on a CPU: bitsandbytes' kernel against the engine's dense bf16 copies.
 
 For each distinct 4-bit linear layer shape of the model (NF4, bf16 compute, as the engine loads
-it), a [rows, 1, in] input is multiplied alternately by bitsandbytes' repacked kernel and by
-essa/engines/wide4bit.py's path (dequantize the weight, one bf16 matmul), at each row count; the
-best of `--repeats` is kept. Their ratio per row count, summed over the model's layers, is what
-sets `MIN_ROWS` there. Needs a CPU with AVX512-BF16 (where bitsandbytes repacks).
+it), a [rows, 1, in] input is multiplied by bitsandbytes' repacked kernel, by the dequantized
+weight as torch holds it (dequantized once, one bf16 `F.linear`) and by essa/engines/dense4bit.py's
+copy in oneDNN's blocked layout, at each row count; the best of `--repeats` is kept and the times
+are summed over the model's layers. Needs a CPU with AVX512-BF16 (where bitsandbytes repacks).
 
-    python scripts/bench_wide4bit.py [--rows 1,8,16,32,48,64,96,128,256] [--repeats 20] [--json out.json]
+    python scripts/bench_dense4bit.py [--rows 1,8,16,32,48,64,96,128,256] [--repeats 20] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,23 +15,25 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from machine import cpu_model, script_report
+from torch.nn import functional as F
 
-from essa.engines.wide4bit import WideBatches4bit, wraps
+from essa.engines.dense4bit import Dense4bit, dequantized, wraps
 from essa.errors import EssaError
 from essa.models import load_model
 from essa.recipe import ModelSection
 
 
-def seconds(layer: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    layer(x)
+def seconds(multiply: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
+    multiply(x)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        layer(x)
+        multiply(x)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -45,21 +47,22 @@ def run(model_name: str, rows: list[int], repeats: int) -> list[dict]:
             shapes.setdefault((module.in_features, module.out_features), []).append(module)
     if not shapes:
         raise EssaError("no 4-bit layer that bitsandbytes repacks: this CPU has no AVX512-BF16")
-    WideBatches4bit(model, min_rows=1).restore()  # as an engine does, before bitsandbytes repacks any weight
+    plain = {shape: dequantized(modules[0]) for shape, modules in shapes.items()}
+    dense = Dense4bit(model)  # each layer's forward; the class's forward is bitsandbytes' kernel
     results = []
     for n in rows:
-        kernel = dequantized = 0.0
-        for (n_in, _), modules in shapes.items():
-            x = torch.randn(n, 1, n_in, dtype=torch.bfloat16)
-            layer = modules[0]
-            kernel += seconds(layer, x, repeats) * len(modules)
-            wide = WideBatches4bit(model, min_rows=1)
-            dequantized += seconds(layer, x, repeats) * len(modules)
-            wide.restore()
-        results.append({"rows": n, "kernel_ms": kernel * 1e3, "dequantized_ms": dequantized * 1e3,
-                        "kernel_over_dequantized": kernel / dequantized})
-        print(f"{n:>5} rows  kernel {kernel * 1e3:8.2f} ms  dequantized {dequantized * 1e3:8.2f} ms  "
-              f"ratio {kernel / dequantized:.2f}", flush=True)
+        times = dict.fromkeys(("kernel", "plain", "dense"), 0.0)
+        for shape, modules in shapes.items():
+            x, layer, weight = torch.randn(n, 1, shape[0], dtype=torch.bfloat16), modules[0], plain[shape]
+            times["kernel"] += seconds(lambda x: type(layer).forward(layer, x), x, repeats) * len(modules)
+            times["plain"] += seconds(lambda x: F.linear(x, weight), x, repeats) * len(modules)
+            times["dense"] += seconds(layer, x, repeats) * len(modules)
+        ms = {f"{k}_ms": v * 1e3 for k, v in times.items()}
+        results.append({"rows": n, **ms, "kernel_over_dense": times["kernel"] / times["dense"],
+                        "plain_over_dense": times["plain"] / times["dense"]})
+        print(f"{n:>5} rows  kernel {ms['kernel_ms']:8.2f} ms  plain bf16 {ms['plain_ms']:8.2f} ms  "
+              f"dense {ms['dense_ms']:8.2f} ms  kernel/dense {times['kernel'] / times['dense']:.2f}", flush=True)
+    dense.restore()
     return results
 
 
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     except EssaError as err:
         sys.exit(f"error: {err}")
     device = f"CPU {cpu_model()} ({torch.get_num_threads()} threads)"
-    report = script_report("bench_wide4bit.py", argv, model=args.model, device=device) | {"results": results}
+    report = script_report("bench_dense4bit.py", argv, model=args.model, device=device) | {"results": results}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return report
