@@ -245,18 +245,21 @@ def bench_vllm(cfg: ModelSection, prompts_raw: list[str], section: DataSection, 
 
 
 def run(args: argparse.Namespace, model: str) -> list[dict]:
-    section = replace(PROMPTS[args.prompts], heldout_size=max(Shape.parse(s).prompts for s in args.shapes.split(",")))
+    shapes = [Shape.parse(s) for s in args.shapes.split(",")]
+    section = replace(PROMPTS[args.prompts], heldout_size=max(shape.prompts for shape in shapes))
     _, heldout = load_splits(section, 0)
-    results = []
-    for shape in map(Shape.parse, args.shapes.split(",")):
-        rows, vllm_base = [], {}
-        for precision in args.precisions.split(","):
-            quantization, dtype = PRECISIONS[precision]
-            cfg = ModelSection(name_or_path=model, quantization=quantization, dtype=dtype, device=args.device)
-            engines = args.engines.split(",")
-            for engine in ("hf", "vllm"):
-                if engine not in engines and not (engine == "vllm" and args.vllm_baseline):
-                    continue
+    engines = args.engines.split(",")
+    rows: dict[Shape, list[dict]] = {shape: [] for shape in shapes}
+    vllm_base: dict[Shape, dict[str, float]] = {shape: {} for shape in shapes}
+    # Every HF row before vLLM is imported: in one process, torch work measured after vLLM's import ran
+    # 10-15% slower (IFEval shape, NF4 and bf16 each measured on both sides of it, docs/benchmarks.md).
+    for engine in ("hf", "vllm"):
+        if engine not in engines and not (engine == "vllm" and args.vllm_baseline):
+            continue
+        for shape in shapes:
+            for precision in args.precisions.split(","):
+                quantization, dtype = PRECISIONS[precision]
+                cfg = ModelSection(name_or_path=model, quantization=quantization, dtype=dtype, device=args.device)
                 print(f"measuring {engine} {precision} at {shape} ...", flush=True)
                 try:
                     if engine == "hf":
@@ -269,24 +272,28 @@ def run(args: argparse.Namespace, model: str) -> list[dict]:
                     print(f"skipped {engine} {precision}: {err}")
                     continue
                 if engine == "vllm":
-                    vllm_base[precision] = row["vllm_tokens_per_s"]
+                    vllm_base[shape][precision] = row["vllm_tokens_per_s"]
                 if engine in engines:
-                    rows.append({"engine": engine, "precision": precision, "shape": str(shape),
-                                 "prompts": args.prompts, **row})
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-        generate = {r["precision"]: r["generate_tokens_per_s"] for r in rows if r["engine"] == "hf"}
-        fastest_vllm = max(vllm_base.values(), default=None)
-        for row in rows:
-            row["generate_tokens_per_s"] = generate.get(row["precision"])
-            row["vllm_base_tokens_per_s"] = fastest_vllm
-            row["vllm_base_precision"] = max(vllm_base, key=vllm_base.get) if vllm_base else None
-            for baseline in ("generate", "vllm_base", "roofline"):
-                value = row.get(f"{baseline}_tokens_per_s")
-                row[f"ratio_to_{baseline}"] = row["population_tokens_per_s"] / value if value else None
-        results += rows
-    return results
+                    rows[shape].append({"engine": engine, "precision": precision, "shape": str(shape),
+                                        "prompts": args.prompts, **row})
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+    return [row for shape in shapes for row in with_ratios(rows[shape], vllm_base[shape])]
+
+
+def with_ratios(rows: list[dict], vllm_base: dict[str, float]) -> list[dict]:
+    """One shape's rows with their baselines (plain generate, the fastest vLLM base, the roofline) and ratios."""
+    generate = {r["precision"]: r["generate_tokens_per_s"] for r in rows if r["engine"] == "hf"}
+    fastest_vllm = max(vllm_base.values(), default=None)
+    for row in rows:
+        row["generate_tokens_per_s"] = generate.get(row["precision"])
+        row["vllm_base_tokens_per_s"] = fastest_vllm
+        row["vllm_base_precision"] = max(vllm_base, key=vllm_base.get) if vllm_base else None
+        for baseline in ("generate", "vllm_base", "roofline"):
+            value = row.get(f"{baseline}_tokens_per_s")
+            row[f"ratio_to_{baseline}"] = row["population_tokens_per_s"] / value if value else None
+    return rows
 
 
 def cell(row: dict, key: str, width: int, digits: int = 3) -> str:
