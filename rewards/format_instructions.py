@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from rewards.ifeval_repair import end_phrase, finished, quoted, word_limit
+
 END_PHRASES = ["is there anything else i can help with?", "that is all.", "hope this helps!", "thank you for reading."]
 QUOTE = '"'
 MIN_WORDS = 5  # fewer words than the smallest word limit (10) allows, enough to be an answer
@@ -78,6 +80,31 @@ def score_response(text: str, instructions: list[dict[str, Any]]) -> float:
 def reward(prompts: list[str], completions: list[str], instructions: list[list[dict]], **_: Any) -> list[float]:
     """TRL-style reward: one score per completion, from the `instructions` dataset column."""
     return [score_response(text, inst) for text, inst in zip(completions, instructions)]
+
+
+def repair_one(text: str, instructions: list[dict[str, Any]]) -> str:
+    """`text` edited to follow `instructions` (the warm start's `repair`, as rewards.ifeval_repair does for
+    IFEval): the word limit first, leaving room for an ending phrase, then the phrase, the case and the
+    commas, and the quotes last. With both quotes and an ending phrase the phrase sits inside the quotes:
+    the two checkers cannot both be met, and this way each gives at least half."""
+    given = {i["id"]: i.get("kwargs", {}) for i in instructions}
+    text = finished(text)
+    phrase = given.get("end_phrase", {}).get("end_phrase", "")
+    if "max_words" in given:
+        room = given["max_words"]["max_words"] - len(phrase.split())
+        text = word_limit(text, {"relation": "less than", "num_words": room + 1})
+    if phrase:
+        text = end_phrase(text, {"end_phrase": phrase})
+    if "lowercase" in given:
+        text = text.lower()
+    if "no_commas" in given:
+        text = text.replace(",", "")
+    return quoted(text, {}) if "quoted" in given else text
+
+
+def repair(prompts: list[str], completions: list[str], instructions: list[list[dict]], **_: Any) -> list[str]:
+    """Each completion edited to follow its prompt's instructions (`warm_start.repair`, docs/recipes.md)."""
+    return [repair_one(text, inst) for text, inst in zip(completions, instructions)]
 
 
 TASKS = [

@@ -41,6 +41,29 @@ def test_an_answer_too_short_to_be_one_scores_little():
     assert fi.score_response("a plain lowercase answer here", instructions) == 1.0
 
 
+ANSWER = ("Rivers carry water from the hills to the sea, and they shape the land as they go. Many towns grew "
+          "beside them, because people needed water, fish and a way to travel. In spring the snow")
+
+
+def test_repair_follows_every_instruction_and_pair():
+    """Quotes and an ending phrase cannot both hold (the phrase then ends inside the quotes): 0.75."""
+    scores: dict[tuple, set] = {}
+    for example in fi.generate_examples(600, seed=1, topics=fi.TOPICS):
+        [text] = fi.repair([example["prompt"]], [ANSWER], [example["instructions"]])
+        ids = tuple(sorted(i["id"] for i in example["instructions"]))
+        scores.setdefault(ids, set()).add(fi.score_response(text, example["instructions"]))
+    assert len(scores) == 15  # every instruction alone and every pair
+    assert all(s == ({0.75} if ids == ("end_phrase", "quoted") else {1.0}) for ids, s in scores.items()), scores
+
+
+def test_repair_keeps_whole_sentences_within_the_word_limit_and_the_phrase():
+    limit = [{"id": "max_words", "kwargs": {"max_words": 20}},
+             {"id": "end_phrase", "kwargs": {"end_phrase": "that is all."}}]
+    assert fi.repair_one(ANSWER, limit) == ("Rivers carry water from the hills to the sea, and they shape the land as "
+                                            "they go. that is all.")
+    assert fi.repair_one("Cut off mid", [{"id": "quoted"}]) == '"Cut off mid"'
+
+
 def test_generated_prompts_are_deterministic_and_heldout_topics_are_unseen():
     cfg = DataSection(train_size=200, heldout_size=50)
     train, heldout = load_splits(cfg, seed=0)
