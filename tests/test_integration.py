@@ -40,6 +40,8 @@ def test_quickstart_runs_and_its_adapter_reloads_in_peft(tmp_path, smollm2_dir):
     warm = summary["warm_start"]
     assert warm["method"] == "rejection" and warm["examples"] == 4 and warm["sft_steps"] == 1
     assert 0 <= warm["base_heldout_reward"] <= 1
+    samples = [json.loads(line) for line in (run / "warm_start" / "samples.jsonl").read_text().splitlines()]
+    assert sum(r["repaired"] for r in samples) == 4 * 2 and warm["repair_failures"] == 0  # the shipped repair ran
     base_model = load_model(load_run(run, "final").recipe.model)[0]
     sft = PeftModel.from_pretrained(base_model, str(run / "warm_start" / "adapter"))
     lora_b = [p for n, p in sft.named_parameters() if "lora_B" in n]
