@@ -21,9 +21,11 @@ included) onto the vocabulary and adds entropy and top-1 statistics for its logs
 a quickstart fine-tune step (22 s -> 13 s for 5 steps, same loss; docs/quality.md).
 
 Everything lands in <run>/warm_start/:
-samples.jsonl (every sample with its reward and whether it was kept), adapter/ (a PEFT adapter)
-and summary.json, written last, so a resumed run whose warm start finished skips it and one whose
-warm start was interrupted redoes it.
+samples.jsonl (every sample with its reward and whether it was kept), sampled.json (what the samples
+were made with, and their statistics), adapter/ (a PEFT adapter) and summary.json, written last, so a
+resumed run whose warm start finished skips it. One interrupted in its fine-tune keeps its samples
+when the recipe would sample the same ones (the same settings but those of the fine-tune), since the
+sampling of a large warm start takes as long as the fine-tune; otherwise it starts again.
 """
 
 from __future__ import annotations
@@ -51,12 +53,13 @@ from essa.metrics import peak_memory_mb
 from essa.models import load_model, resolve_device
 from essa.preflight import WARM_START_SUMMARY
 from essa.progress import ChunkSteps, phase
-from essa.recipe import Recipe
+from essa.recipe import Recipe, to_dict
 from essa.reward_process import RewardFailure
 from essa.scoring import Scorer
 from essa.svd import SVDSpace
 
-ADAPTER, SAMPLES = "adapter", "samples.jsonl"
+ADAPTER, SAMPLES, SAMPLED = "adapter", "samples.jsonl", "sampled.json"
+FINE_TUNE = ("epochs", "learning_rate", "batch_size", "max_length")  # settings the samples do not depend on
 BASE = SVDSpace([], 1.0)  # no adapted modules: every candidate is the base model
 
 
@@ -241,18 +244,28 @@ def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out:
             "seconds_fine_tune": time.perf_counter() - start}
 
 
-def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_dir: Path, resume: bool,
-        console: Console) -> tuple[Path, dict[str, Any]]:
-    """The warm start's adapter directory and summary, made now or, on a resume, before."""
-    done = run_dir / WARM_START_SUMMARY
-    root = done.parent
-    adapter = root / ADAPTER
-    if resume and done.is_file():
-        console.print(f"warm start: done before, using {adapter}")
-        return adapter, json.loads(done.read_text())
-    if root.exists():
-        remove_tree(root)
-    root.mkdir(parents=True)
+def sampling_settings(recipe: Recipe) -> dict[str, Any]:
+    """Everything a warm start's samples (and the base model's held-out reward) depend on."""
+    raw = to_dict(recipe)
+    settings = {name: raw[name] for name in ("model", "data", "reward", "generation")}
+    settings["warm_start"] = {k: v for k, v in raw["warm_start"].items() if k not in FINE_TUNE}
+    return json.loads(json.dumps(settings | {"seed": recipe.run.seed}))  # tuples as lists, as read back
+
+
+def earlier_samples(root: Path, recipe: Recipe) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """An interrupted warm start's samples and their statistics, when this recipe would make the same."""
+    try:
+        sampled = json.loads((root / SAMPLED).read_text())
+        if sampled["settings"] != sampling_settings(recipe):
+            return None
+        return [json.loads(line) for line in (root / SAMPLES).read_text().splitlines()], sampled["summary"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def make_samples(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, root: Path,
+                 console: Console) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The base model's held-out reward, then the fine-tune's targets, written to `root`."""
     start = time.perf_counter()
     with phase(console, "warm start: loading the model"):
         model, tokenizer = load_model(recipe.model)
@@ -271,23 +284,49 @@ def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_di
                       f"{stats['best_of_k_reward']:.4f}")
     else:
         samples = references(recipe, data, tokenizer)
-    # The fine-tune gets a model of its own: bitsandbytes repacks 4-bit weights for its CPU inference
-    # kernel at the first forward in eval mode, and that kernel has no backward, so gradients through
-    # the frozen layers of a model that has generated are wrong (torch warns "an autograd kernel was
-    # not registered").
-    del model
-    gc.collect()
+    summary |= {"seconds_samples": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb()}
     write_text(root / SAMPLES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+    write_text(root / SAMPLED, json.dumps({"settings": sampling_settings(recipe), "summary": summary}, indent=1))
+    return samples, summary
+
+
+def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_dir: Path, resume: bool,
+        console: Console) -> tuple[Path, dict[str, Any]]:
+    """The warm start's adapter directory and summary, made now or, on a resume, before."""
+    done = run_dir / WARM_START_SUMMARY
+    root = done.parent
+    adapter = root / ADAPTER
+    if resume and done.is_file():
+        console.print(f"warm start: done before, using {adapter}")
+        return adapter, json.loads(done.read_text())
+    earlier = earlier_samples(root, recipe) if resume else None
+    if earlier:
+        samples, summary = earlier
+        console.print(f"warm start: using the {len(samples)} samples made before ({root / SAMPLES})")
+        if adapter.exists():
+            remove_tree(adapter)
+    else:
+        if root.exists():
+            remove_tree(root)
+        root.mkdir(parents=True)
+        # The fine-tune gets a model of its own: bitsandbytes repacks 4-bit weights for its CPU inference
+        # kernel at the first forward in eval mode, and that kernel has no backward, so gradients through
+        # the frozen layers of a model that has generated are wrong (torch warns "an autograd kernel was
+        # not registered"). The sampling's model is gone when make_samples returns.
+        samples, summary = make_samples(recipe, train, heldout, scorer, root, console)
+        gc.collect()
+    start = time.perf_counter()
     kept = [r for r in samples if r["kept"]]
     if not kept:
         raise nothing_to_learn(recipe, root / SAMPLES)
-    summary["examples"] = len(kept)
+    summary = summary | {"examples": len(kept)}
     with phase(console, f"warm start: fine-tuning a rank-{recipe.lora.rank} LoRA on {len(kept)} examples"):
         model, tokenizer = load_model(recipe.model)
         summary |= fine_tune(model.train(), tokenizer, recipe, kept, adapter, console)
     del model
     gc.collect()
-    summary |= {"seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb()}
+    summary |= {"seconds": summary["seconds_samples"] + time.perf_counter() - start,
+                "peak_memory_mb": max(summary["peak_memory_mb"], peak_memory_mb())}
     write_text(done, json.dumps(summary, indent=1))
     return adapter, summary
 

@@ -110,6 +110,35 @@ def test_resume_keeps_a_finished_warm_start(warm_run, capsys):
     assert json.loads((warm_run / "summary.json").read_text())["iterations"] == 3
 
 
+def interrupted_in_its_fine_tune(run: Path, to: Path) -> Path:
+    """A copy of `run` as a run stopped during its warm start's fine-tune leaves it: samples, no adapter."""
+    (to / "warm_start").mkdir(parents=True)
+    for name in ("recipe.json", "warm_start/samples.jsonl", "warm_start/sampled.json"):
+        (to / name).write_bytes((run / name).read_bytes())
+    return to
+
+
+def test_resume_after_the_sampling_keeps_the_samples(warm_run, tmp_path, capsys):
+    run = interrupted_in_its_fine_tune(warm_run, tmp_path / "run")
+    samples = (run / "warm_start" / "samples.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["align", "--resume", "--out", str(run), "--set", "warm_start.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "using the 12 samples made before" in out and "sampling 3 completions" not in out
+    assert (run / "warm_start" / "samples.jsonl").read_bytes() == samples
+    warm, before = (json.loads((r / "warm_start" / "summary.json").read_text()) for r in (run, warm_run))
+    assert warm["sft_steps"] == 2 * before["sft_steps"]  # the fine-tune ran again, with the new epochs
+    assert warm["base_heldout_reward"] == before["base_heldout_reward"]
+    assert warm["seconds"] > warm["seconds_samples"] == before["seconds_samples"]
+
+
+def test_resume_with_other_sampling_settings_samples_again(warm_run, tmp_path, capsys):
+    run = interrupted_in_its_fine_tune(warm_run, tmp_path / "run")
+    assert main(["align", "--resume", "--out", str(run), "--set", "warm_start.samples_per_prompt=2"]) == 0
+    assert "sampling 2 completions" in capsys.readouterr().out
+    assert len((run / "warm_start" / "samples.jsonl").read_text().splitlines()) == 4 * 2
+
+
 def test_reference_responses_are_the_targets(tiny_recipe, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "answer": f"Answer {i}."}) + "\n"
