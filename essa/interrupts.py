@@ -3,8 +3,9 @@
 Python raises KeyboardInterrupt in whatever code the main thread runs when SIGINT arrives. Code
 that catches it there (a library's `except BaseException`, or a finalizer running at that moment,
 whose exceptions Python only prints) loses it, and the run goes on. Under `recorded`, the signal
-is also remembered, and `essa align` calls `check` between iterations: a Ctrl-C that was lost
-stops the run there, with the same message and intact checkpoints. Why: the Ctrl-C tests' runs
+is also remembered, and `essa align` calls `check` between iterations and an evaluation's progress
+calls it after every decode step: a Ctrl-C that was lost stops the run there, with the same message
+and intact checkpoints (an IFEval held-out evaluation runs for minutes). Why: the Ctrl-C tests' runs
 went on after their SIGINT, intermittently (CI, 2026-12-03), although Python's handler was
 installed and no thread blocked SIGINT (checked in /proc/PID/status).
 """
@@ -40,6 +41,7 @@ def recorded() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        _received = False  # what follows in this process (a test, a notebook cell) starts uninterrupted
 
 
 def check() -> None:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from essa import interrupts
+
 
 def quiet_third_party() -> None:
     """Silence the load bars and info logs of transformers and the hub, which say nothing a user can
@@ -97,6 +99,7 @@ class ChunkSteps:
         self.chunks_done, self.chunks, self.chunk_start, self.last_line = 0, 0, self.start, self.start
 
     def __call__(self, done: int, total: int) -> None:
+        interrupts.check()
         self.chunks_done, self.chunks = done, total
         self.chunk_start = self.last_line = time.perf_counter()
         if total < 2 or done == 0:  # done == 0: the evaluation starts and says how many chunks it has
@@ -107,6 +110,7 @@ class ChunkSteps:
 
     def rows(self, finished: int, total: int, tokens: int) -> None:
         """Inside the running chunk (the engine calls this after every decode step)."""
+        interrupts.check()  # a swallowed Ctrl-C stops a long evaluation within one decode step
         now = time.perf_counter()
         if now - self.last_line < self.every or (self.console.is_terminal and not self.bar):
             return
