@@ -115,9 +115,9 @@ class ChunkSteps:
         if now - self.last_line < self.every or (self.console.is_terminal and not self.bar):
             return
         self.last_line = now
-        chunk = f" {self.chunks_done + 1}/{self.chunks}" if self.chunks > 1 else ""
+        chunk = f"chunk {self.chunks_done + 1}/{self.chunks} " if self.chunks > 1 else ""
         rate = tokens / (now - self.chunk_start) if now > self.chunk_start else 0.0
-        self.console.print(f"{self.what}: chunk{chunk} {finished}/{total} rows finished  {tokens} tokens  "
+        self.console.print(f"{self.what}: {chunk}{finished}/{total} rows finished  {tokens} tokens  "
                            f"{rate:.0f} tok/s  elapsed {clock(now - self.start)}", highlight=False, soft_wrap=True)
 
     def __enter__(self) -> "ChunkSteps":

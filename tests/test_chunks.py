@@ -93,3 +93,11 @@ def test_a_long_evaluation_prints_progress_before_its_first_chunk_ends(tiny_mode
     inside = [line for line in lines[:first_chunk_end] if "rows finished" in line]
     assert inside and inside[0].startswith("eval chunks: chunk 1/2 0/2 rows finished  2 tokens"), lines
     assert "tok/s" in inside[-1] and "elapsed" in inside[-1]
+
+
+def test_a_one_chunk_evaluation_says_rows_not_chunks():
+    out = io.StringIO()
+    with ChunkSteps(Console(file=out, width=200), "held-out chunks", bar=False, every=0.0) as progress:
+        progress(0, 1)
+        progress.rows(19, 64, 3193)
+    assert out.getvalue().startswith("held-out chunks: 19/64 rows finished  3193 tokens"), out.getvalue()
