@@ -85,6 +85,7 @@ class WarmStartSection:
 class SVDSection:
     trainable_fraction: float = _checked(1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
     factors: Literal["both", "b"] = "both"
+    directions: Literal["principal", "random"] = "principal"
 
 
 @dataclass(frozen=True)

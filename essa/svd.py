@@ -13,6 +13,8 @@ Without an SFT adapter, B = 0 and its SVD is degenerate (any orthonormal U_B fit
 W = U S Vᵀ: V_A = V[:, :r], U_B = U[:, :r], U_A = V_B = I, s_A = 1, s_B = 0. The adapter starts
 exactly at the base model and a candidate's s_B moves W's top-r singular directions (in weight
 units; s_A rescales them), which is where a small change of a weight matters most.
+`svd.directions = "random"` draws V_A and U_B instead as random orthonormal columns (seeded by the
+run's seed and the module's name), with the same scale, to measure what W's directions are worth.
 
 Which singular values are searched (`svd.factors`): "both" (A's and B's, as in the paper) or "b"
 (B's only). With the principal initialization a module's delta is U_r diag(s_A ⊙ s_B) V_rᵀ, so
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from essa.errors import EssaError
 from essa.files import atomic_path
 
 FACTORS = ("both", "b")
+DIRECTIONS = ("principal", "random")
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,22 @@ def base_weight(module: nn.Linear) -> Tensor:
 def principal_factors(name: str, module: nn.Linear, rank: int, scaling: float) -> ModuleFactors:
     # The SVD runs where the weight lives (fast on a GPU); the space itself is kept on the CPU.
     U, _, Vh = torch.linalg.svd(base_weight(module).double(), full_matrices=False)
+    return initial_factors(name, U, Vh.T, rank, scaling)
+
+
+def random_factors(name: str, module: nn.Linear, rank: int, scaling: float, seed: int) -> ModuleFactors:
+    # crc32, not hash(): Python salts str hashes per process, and every process must draw the same.
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    k = min(rank, module.out_features, module.in_features)
+    U = torch.linalg.qr(torch.randn(module.out_features, k, generator=generator, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(module.in_features, k, generator=generator, dtype=torch.float64))[0]
+    return initial_factors(name, U, V, k, scaling)
+
+
+def initial_factors(name: str, U: Tensor, V: Tensor, rank: int, scaling: float) -> ModuleFactors:
+    """The adapter at the base model (s_B = 0) whose s_B moves the directions U[:, :r] V[:, :r]ᵀ."""
     rank = min(rank, U.shape[1])
-    a = Factor(torch.eye(rank), torch.ones(rank), Vh[:rank].T.float().cpu())
+    a = Factor(torch.eye(rank), torch.ones(rank), V[:, :rank].float().cpu())
     b = Factor(U[:, :rank].float().cpu(), torch.zeros(rank), torch.eye(rank))
     return ModuleFactors(name, a, b, scaling)
 
@@ -173,8 +191,10 @@ class SVDSpace:
 
 
 def build_space(model: nn.Module, rank: int, alpha: float, target_modules: list[str],
-                adapter: str, trainable_fraction: float, factors: str = "both") -> SVDSpace:
-    """The search space for a model: from a PEFT adapter directory, or the principal initialization."""
+                adapter: str, trainable_fraction: float, factors: str = "both",
+                directions: str = "principal", seed: int = 0) -> SVDSpace:
+    """The search space for a model: from a PEFT adapter directory, or at the base model along
+    W's principal directions or random ones (`directions`, drawn from `seed`)."""
     if adapter:
         config, weights = read_peft_adapter(Path(adapter))
         if config.get("use_dora") or config.get("bias", "none") != "none":
@@ -185,7 +205,10 @@ def build_space(model: nn.Module, rank: int, alpha: float, target_modules: list[
         scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
         modules = [adapter_factors(name, targets[name], *weights[name], scaling) for name in targets]
     else:
+        if directions not in DIRECTIONS:
+            raise EssaError(f"svd.directions: {directions!r} is not one of {', '.join(DIRECTIONS)}")
         scaling = (alpha or rank) / rank
-        modules = [principal_factors(name, module, rank, scaling)
+        modules = [principal_factors(name, module, rank, scaling) if directions == "principal"
+                   else random_factors(name, module, rank, scaling, seed)
                    for name, module in find_targets(model, target_modules).items()]
     return SVDSpace(modules, trainable_fraction, factors)

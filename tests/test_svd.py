@@ -102,3 +102,43 @@ def test_unknown_factors_are_refused():
     with pytest.raises(EssaError, match="svd.factors"):
         build_space(TwoLayers(), rank=4, alpha=8, target_modules=["q_proj"], adapter="", trainable_fraction=1.0,
                     factors="a")
+
+
+def test_random_directions_start_at_the_base_model_drawn_per_seed_and_module():
+    args = dict(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], adapter="", trainable_fraction=1.0)
+    principal = build_space(TwoLayers(), **args)
+    drawn = build_space(TwoLayers(), **args, directions="random", seed=3)
+    again = build_space(TwoLayers(), **args, directions="random", seed=3)
+    other = build_space(TwoLayers(), **args, directions="random", seed=4)
+    assert drawn.dim == principal.dim
+    for m, p, m2, m3 in zip(drawn.modules, principal.modules, again.modules, other.modules):
+        assert torch.count_nonzero(m.b.matrix(m.b.s)) == 0  # the base model, as with W's directions
+        assert torch.allclose(m.b.U.T @ m.b.U, torch.eye(4), atol=1e-5)
+        assert torch.allclose(m.a.V.T @ m.a.V, torch.eye(4), atol=1e-5)
+        assert torch.equal(m.b.U, m2.b.U) and torch.equal(m.a.V, m2.a.V)
+        assert not torch.allclose(m.b.U.abs(), m3.b.U.abs(), atol=1e-2)
+        assert not torch.allclose(m.b.U.abs(), p.b.U.abs(), atol=1e-2)
+    # The two modules draw different directions even from one seed.
+    assert not torch.allclose(drawn.modules[0].a.V.abs(), drawn.modules[1].a.V.abs(), atol=1e-2)
+
+
+def test_unknown_directions_are_refused():
+    with pytest.raises(EssaError, match="svd.directions"):
+        build_space(TwoLayers(), rank=4, alpha=8, target_modules=["q_proj"], adapter="", trainable_fraction=1.0,
+                    directions="minor")
+
+
+def test_a_run_builds_its_space_along_the_recipes_directions_from_its_seed(tiny_recipe, tmp_path):
+    from essa import recipe as recipes
+    from essa.engines.load import load_space
+    from essa.models import load_model
+
+    loaded = recipes.load(tiny_recipe(), ["svd.directions=random", "run.seed=7"])
+    model = load_model(loaded.model)[0]
+    space = load_space(tmp_path, loaded, lambda: model)
+    lora = loaded.lora
+    expected = build_space(model, lora.rank, lora.alpha, lora.target_modules, "", 1.0, directions="random", seed=7)
+    for m, e in zip(space.modules, expected.modules):
+        assert torch.equal(m.b.U, e.b.U) and torch.equal(m.a.V, e.a.V)
+    # Saved with the run, so a resume reads these directions back instead of drawing again.
+    assert torch.equal(SVDSpace.load(tmp_path / "space.safetensors").modules[0].b.U, space.modules[0].b.U)
