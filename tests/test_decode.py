@@ -7,7 +7,8 @@ from transformers.cache_utils import DynamicLayer
 
 from essa.engines import HFEngine
 from essa.engines.cache import BlockLayer, fill_holes
-from essa.engines.decode import decode, shared_prefix
+from essa.engines import decode as decode_module
+from essa.engines.decode import decode, length_passes, shared_prefix
 from essa.models import load_tokenizer
 from essa.svd import build_space
 from tests.conftest import PROMPTS, greedy
@@ -92,6 +93,34 @@ def test_shared_prefix_is_prefilled_once_per_group(tiny_model_dir):
                  tokenizer.pad_token_id, use_rows=lambda index: seen.append(index.tolist()), groups=groups)
     assert seen[:2] == [[0, len(CHAT)], list(range(len(prompts)))], "one row per group, then every row"
     assert torch.equal(new, reference(model, tokenizer, prompts, 12, tokenizer.eos_token_id))
+
+
+def test_uneven_prompts_prefilled_in_passes_by_length_equal_generate(tiny_model_dir, monkeypatch):
+    """Rows of several lengths, prefilled in one pass per length and merged into one left-padded
+    cache, decode what plain `generate` decodes for them: alone, and with groups sharing a prefix."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = CHAT + CHAT
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    lengths = batch["attention_mask"].sum(1)
+    monkeypatch.setattr(decode_module, "PASS_COST", 0)  # a pass per length
+    expected = reference(model, tokenizer, prompts, 12, tokenizer.eos_token_id)
+    for groups in (None, torch.tensor([0] * len(CHAT) + [1] * len(CHAT))):
+        seen = []
+        new = decode(model, batch["input_ids"], batch["attention_mask"], 12, torch.tensor([tokenizer.eos_token_id]),
+                     tokenizer.pad_token_id, use_rows=lambda index: seen.append(index.tolist()), groups=groups)
+        assert torch.equal(new, expected)
+        if groups is None:
+            passes = [rows.tolist() for rows in length_passes(lengths, 0)]
+            assert len(passes) > 1 and seen[:len(passes) + 1] == passes + [list(range(len(prompts)))]
+
+
+def test_length_passes_trade_padding_against_passes():
+    lengths = torch.tensor([5, 40, 5, 6, 41, 5])
+    as_lists = lambda passes: [p.tolist() for p in passes]  # noqa: E731
+    assert as_lists(length_passes(lengths, 0)) == [[0, 2, 5], [3], [1], [4]]
+    assert as_lists(length_passes(lengths, 10)) == [[0, 2, 3, 5], [1, 4]]  # padding the 6 and the 40 beats two passes
+    assert as_lists(length_passes(lengths, 1000)) == [[0, 1, 2, 3, 4, 5]]
 
 
 def test_shared_prefix_leaves_every_row_a_token_of_its_own():

@@ -79,13 +79,37 @@ class BlockLayer(DynamicLayer):
         self.keys, self.values = self.keys[:kept], self.values[:kept]
 
 
+def full_attention(config: PretrainedConfig) -> bool:
+    """Every layer attends over the whole sequence (no sliding-window or chunked layers)."""
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return all(kind == "full_attention" for kind in layer_types)
+
+
 def block_cache(config: PretrainedConfig) -> Cache:
     """A cache of `BlockLayer`s, or transformers' `DynamicCache` for models with sliding-window or
     chunked attention layers (which it keeps short on its own)."""
-    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    if any(kind != "full_attention" for kind in layer_types):
+    if not full_attention(config):
         return DynamicCache(config=config)
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     return Cache(layers=[BlockLayer() for _ in layer_types])
+
+
+def right_aligned(caches: list[Cache], rows: list[Tensor], n_rows: int) -> Cache:
+    """One cache of `n_rows` rows from block caches of fewer rows and other lengths: cache i's rows go
+    to rows `rows[i]`, right-aligned (the positions before a shorter cache stay zeros, for the caller's
+    mask to leave out), as if the rows had been prefilled left-padded in one batch."""
+    length = max(cache.get_seq_length() for cache in caches)
+    merged = Cache(layers=[BlockLayer() for _ in caches[0].layers])
+    for i, layer in enumerate(merged.layers):
+        first = caches[0].layers[i]
+        shape = (n_rows, first.keys.shape[1], layer.rounded(length), first.keys.shape[3])
+        layer.lazy_initialization(first.keys, first.values)
+        layer.keys, layer.values, layer.length = first.keys.new_zeros(shape), first.values.new_zeros(shape), length
+        for cache, index in zip(caches, rows):
+            part = cache.layers[i]
+            layer.keys[index, :, length - part.length:length] = part.keys[:, :, :part.length]
+            layer.values[index, :, length - part.length:length] = part.values[:, :, :part.length]
+    return merged
 
 
 def fill_holes(keep: Tensor, rows: int) -> Tensor:
