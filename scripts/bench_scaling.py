@@ -33,8 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from essa import recipe as recipes  # noqa: E402
 from machine import cpu_model  # noqa: E402
+
+from essa import recipe as recipes  # noqa: E402
 
 # (label, --set overrides, torch threads of the driver process)
 CONFIGS = [("one process, 2 threads", ["distributed.workers=1"]),

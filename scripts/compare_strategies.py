@@ -31,11 +31,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 from essa import recipe as recipes  # noqa: E402
 from essa.cli import main as essa  # noqa: E402
 from essa.strategies import candidates_per_iteration  # noqa: E402
-from machine import cpu_model  # noqa: E402
 
 STRATEGIES = {
     "es": ["strategy.name=es"],

@@ -6,8 +6,8 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicLayer
 
 from essa.engines import HFEngine
-from essa.engines.cache import BlockLayer, fill_holes
 from essa.engines import decode as decode_module
+from essa.engines.cache import BlockLayer, fill_holes
 from essa.engines.decode import decode, length_passes, shared_prefix
 from essa.models import load_tokenizer
 from essa.svd import build_space

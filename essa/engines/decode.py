@@ -108,7 +108,8 @@ def length_passes(lengths: Tensor, pass_cost: int) -> list[Tensor]:
 
 
 def prefill_by_length(model: PreTrainedModel, ids: Tensor, mask: Tensor,
-                      use_rows: Callable[[Tensor], None] = lambda rows: None, groups: Tensor | None = None) -> Prefilled:
+                      use_rows: Callable[[Tensor], None] = lambda rows: None,
+                      groups: Tensor | None = None) -> Prefilled:
     """`prefill` in passes of rows of similar length (`length_passes`), merged into one left-padded
     cache: a batch of uneven prompts (IFEval's are 37 to 381 tokens) pays for its padding in every
     layer's matmuls and attention at prefill, where half the positions of a 256-row chunk of 32 IFEval
