@@ -6,7 +6,8 @@ batching (`generate_batch`, paged attention) does drop finished requests, but it
 into one flat token stream in an order of its own, so the engine's per-row low-rank terms could
 not tell which candidate a token belongs to. This loop does for greedy decoding what both do,
 and tells the caller which rows are active (`use_rows`) whenever that changes: the left-padded
-prompts are prefilled once, each step feeds one token per active row through the model with a KV cache
+prompts are prefilled once, in passes of rows of similar length where that saves padding
+(`prefill_by_length`), each step feeds one token per active row through the model with a KV cache
 that grows by blocks (essa/engines/cache.py), and rows that finish are dropped from the cache,
 the mask and the caller's per-row state (the rows that stay may change places: `use_rows` says
 where each one is). Each row computes what `generate` computes for it, so greedy outputs are
