@@ -79,10 +79,13 @@ class BlockLayer(DynamicLayer):
         self.keys, self.values = self.keys[:kept], self.values[:kept]
 
 
+def layer_types(config: PretrainedConfig) -> list[str]:
+    return get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0]
+
+
 def full_attention(config: PretrainedConfig) -> bool:
     """Every layer attends over the whole sequence (no sliding-window or chunked layers)."""
-    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    return all(kind == "full_attention" for kind in layer_types)
+    return all(kind == "full_attention" for kind in layer_types(config))
 
 
 def block_cache(config: PretrainedConfig) -> Cache:
@@ -90,8 +93,7 @@ def block_cache(config: PretrainedConfig) -> Cache:
     chunked attention layers (which it keeps short on its own)."""
     if not full_attention(config):
         return DynamicCache(config=config)
-    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    return Cache(layers=[BlockLayer() for _ in layer_types])
+    return Cache(layers=[BlockLayer() for _ in layer_types(config)])
 
 
 def right_aligned(caches: list[Cache], rows: list[Tensor], n_rows: int) -> Cache:

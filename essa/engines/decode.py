@@ -94,11 +94,11 @@ def length_passes(lengths: Tensor, pass_cost: int) -> list[Tensor]:
     """The rows in prefill passes of similar prompt length (each pass pads its rows to its longest):
     the split with the fewest padded positions plus `pass_cost` per pass, rows of one length in one
     pass. Exact over the distinct lengths (dynamic programming; a chunk has a few hundred at most)."""
-    values, counts = torch.unique(lengths, return_counts=True)  # ascending
-    rows_before = [0, *counts.cumsum(0).tolist()]
+    unique, counts = torch.unique(lengths, return_counts=True)  # ascending
+    values, rows_before = unique.tolist(), [0, *counts.cumsum(0).tolist()]
     best, cut = [0] + [None] * len(values), [0] * (len(values) + 1)
     for end in range(1, len(values) + 1):  # passes over values[:end], the last one values[start:end]
-        best[end], cut[end] = min((best[start] + (rows_before[end] - rows_before[start]) * int(values[end - 1])
+        best[end], cut[end] = min((best[start] + (rows_before[end] - rows_before[start]) * values[end - 1]
                                    + pass_cost, start) for start in range(end))
     passes, end = [], len(values)
     while end:
