@@ -28,6 +28,7 @@ from essa.progress import ChunkSteps, Steps, phase
 from essa.recipe import Recipe, from_dict
 from essa.report import write_report
 from essa.scoring import Scorer
+from essa.search_signal import population_signal, rank_correlation
 from essa.strategies import State, Strategy, make_strategy
 
 
@@ -69,26 +70,43 @@ def build_parts(recipe: Recipe, raw: dict, run_dir: Path, inputs: Inputs, consol
 
 def step(parts: Parts, strategy: Strategy, state: State) -> tuple[State, dict]:
     """One iteration: the same minibatch for every candidate, batched generation, score, tell, until the
-    strategy has updated its center (one ask/tell for ES and CMA-ES, two for ESSAM)."""
+    strategy has updated its center (one ask/tell for ES and CMA-ES, two for ESSAM). The first ask is
+    around the center for every strategy: the center joins its evaluation as one more candidate, so the
+    row can say how far the members stand from it (essa.search_signal)."""
     recipe, t0 = parts.recipe, time.perf_counter()
     batch = parts.train.subset(minibatch(len(parts.train), recipe.data.prompts_per_iteration, recipe.run.seed,
                                          state.iteration))
     task = Task.of(parts.tokenizer, batch, recipe.data)
-    evaluations, start = [], state.iteration
+    evaluations, asked, start = [], [], state.iteration
     while state.iteration == start:
-        evaluation = parts.evaluator.evaluate(strategy.ask(state), task)
-        state = strategy.tell(state, evaluation.scores.mean(1))
+        members = strategy.ask(state)
+        candidates = members if evaluations else np.concatenate([members, state.center[None]])
+        evaluation = parts.evaluator.evaluate(candidates, task)
+        state = strategy.tell(state, evaluation.scores[:len(members)].mean(1))
         evaluations.append(evaluation)
-    # The first ask is around the center for every strategy: its rewards describe the population.
-    first, seconds = evaluations[0].scores.mean(1), time.perf_counter() - t0
+        asked.append(members)
+    first, seconds = evaluations[0], time.perf_counter() - t0
+    rewards = first.scores[:-1].mean(1)
     timings = add_up(e.metrics() | {"seconds_evaluate": e.seconds} for e in evaluations)
-    row = {"iteration": state.iteration, "reward_mean": float(first.mean()), "reward_std": float(first.std()),
-           "reward_max": float(first.max()), "reward_failures": sum(e.failures for e in evaluations),
+    row = {"iteration": state.iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+           "reward_max": float(rewards.max()),
+           **population_signal(first.scores[:-1], first.digests[:-1], first.scores[-1], first.digests[-1]),
+           "reward_failures": sum(e.failures for e in evaluations),
            "candidates": sum(len(e.scores) for e in evaluations),
            "sequences": sum(e.scores.size for e in evaluations), **timings,
            "tokens_per_s": timings["generated_tokens"] / timings["seconds_evaluate"],
            "seconds_update": seconds - timings["seconds_evaluate"]}
+    if recipe.run.diagnose:
+        row |= diagnose(parts, asked[0], rewards)
     return state, row
+
+
+def diagnose(parts: Parts, members: np.ndarray, rewards: np.ndarray) -> dict:
+    """`run.diagnose`: the members' held-out rewards, and how their minibatch rewards rank against them."""
+    evaluation = parts.evaluator.evaluate(members, parts.heldout)
+    heldout = evaluation.scores.mean(1)
+    return {"rank_correlation": rank_correlation(rewards, heldout), "heldout_members_mean": float(heldout.mean()),
+            "heldout_members_std": float(heldout.std()), "seconds_diagnose": evaluation.seconds}
 
 
 def save_checkpoint(root: Path, state: State, best: Best, baseline: float, keep: int) -> None:
@@ -207,7 +225,9 @@ def evolve(parts: Parts, raw: dict, run_dir: Path, resume: bool, started: float,
                 interrupts.check()  # a Ctrl-C that a library swallowed stops the run here
                 t = time.perf_counter()
                 state, row = step(parts, strategy, state)
-                stats = f"reward {row['reward_mean']:.3f} (max {row['reward_max']:.3f})"
+                stats = (f"reward {row['reward_mean']:.3f} (max {row['reward_max']:.3f}, center "
+                         f"{row['center_reward']:.3f})  {row['diverged_share']:.0%} differ  "
+                         f"snr {row['reward_snr']:.1f}")
                 samples = None
                 if state.iteration % run.eval_every == 0 or state.iteration == run.iterations:
                     t_eval = time.perf_counter()

@@ -196,7 +196,7 @@ def _recipe_check(args: argparse.Namespace) -> None:
     print(f"  search dimension: {p.search_dim} ({p.modules} modules × 2 factors × {trainable} trainable "
           "singular values)")
     print(f"  population {p.population} × {p.prompts_per_iteration} prompts per iteration "
-          f"({p.rows_per_iteration} rows per generate call)")
+          f"({p.rows_per_iteration} rows per generate call, the center's included)")
     strategy = recipe.strategy
     if strategy.name == "essam":
         from essa.strategies import candidates_per_iteration

@@ -245,7 +245,7 @@ class RayEvaluator:
 
     def _warn_if_idle(self) -> None:
         recipe = self.recipe
-        rows = recipe.strategy.population * recipe.data.prompts_per_iteration
+        rows = (recipe.strategy.population + 1) * recipe.data.prompts_per_iteration  # the members and their center
         chunks = math.ceil(rows / recipe.generation.batch_rows)
         if recipe.run.engine == "hf" and chunks < recipe.distributed.workers:
             self.console.print(f"[yellow]warning:[/] an iteration's {rows} rows make {chunks} chunk(s) of "

@@ -9,6 +9,7 @@ workers of `essa.distributed`, which is why one process and N workers agree row 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,6 +53,7 @@ class ChunkResult:
     seconds_score: float
     phases: dict[str, float]
     texts: list[str] | None     # the completions, when asked for
+    digests: np.ndarray         # one 64-bit hash per row's completion: which rows agree, in 8 bytes each
 
 
 def evaluate_chunk(engine: Engine, scorer: Scorer, candidates: torch.Tensor, task: Task, rows: Rows,
@@ -61,7 +63,13 @@ def evaluate_chunk(engine: Engine, scorer: Scorer, candidates: torch.Tensor, tas
     prompts, columns = task.rows(rows.prompts)
     scores, failures = scorer(prompts, out.texts, columns)
     return ChunkResult(scores, failures, scorer.first_error, out.tokens, out.seconds, time.perf_counter() - start,
-                       out.phases, out.texts if keep_texts else None)
+                       out.phases, out.texts if keep_texts else None, digests(out.texts))
+
+
+def digests(texts: list[str]) -> np.ndarray:
+    """A 64-bit hash of each text, the same in every process (Python's `hash` of a str is not)."""
+    return np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                    "little", signed=True) for t in texts], dtype=np.int64)
 
 
 @dataclass
@@ -75,6 +83,7 @@ class Evaluation:
     seconds_score: float
     phases: dict[str, float]
     completions: list[list[str]] | None   # [candidate][prompt], when asked for
+    digests: np.ndarray                   # [candidate, prompt]: a hash of each completion
     extra: dict[str, float] = field(default_factory=dict)  # evaluator-specific metrics (wire bytes, ...)
 
     def metrics(self) -> dict[str, float]:
@@ -86,9 +95,11 @@ def assemble(chunks: list[Rows], results: list[ChunkResult], n_candidates: int, 
              seconds: float) -> Evaluation:
     """One evaluation from its chunks' results, in chunk order whichever worker produced them."""
     scores = np.zeros((n_candidates, n_prompts))
+    hashes = np.zeros((n_candidates, n_prompts), dtype=np.int64)
     texts = [[""] * n_prompts for _ in range(n_candidates)]
     for rows, result in zip(chunks, results):
         scores[list(rows.members), list(rows.prompts)] = result.scores
+        hashes[list(rows.members), list(rows.prompts)] = result.digests
         for m, j, text in zip(rows.members, rows.prompts, result.texts or ()):
             texts[m][j] = text
     kept = all(r.texts is not None for r in results)
@@ -96,7 +107,7 @@ def assemble(chunks: list[Rows], results: list[ChunkResult], n_candidates: int, 
                                                                       None),
                       sum(r.tokens for r in results), seconds, sum(r.seconds_generate for r in results),
                       sum(r.seconds_score for r in results), add_up(r.phases for r in results),
-                      texts if kept else None)
+                      texts if kept else None, hashes)
 
 
 class Evaluator(Protocol):

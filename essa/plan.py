@@ -43,7 +43,7 @@ def plan(recipe: Recipe, device_type: str = "cuda", prompt_tokens: int = 256) ->
     total = sum(p.numel() for p in model.parameters())
     per_weight = BYTES_PER_WEIGHT[recipe.model.quantization] or DTYPE_BYTES[dtype]
     weights = linear * per_weight + (total - linear) * DTYPE_BYTES[dtype]
-    rows = recipe.strategy.population * recipe.data.prompts_per_iteration
+    rows = (recipe.strategy.population + 1) * recipe.data.prompts_per_iteration  # the members and their center
     rows = min(rows, recipe.generation.batch_rows)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -151,6 +151,7 @@ class RunSection:
     iterations: int = positive(20, 10**8)
     seed: int = non_negative(0, 2**32 - 1)
     eval_every: int = positive(5, 10**8)
+    diagnose: bool = False
     engine: Literal["hf", "vllm"] = "hf"
     keep_checkpoints: int = positive(2, 10**4)
     report_to: Tracker | list[Tracker] = field(default_factory=list)

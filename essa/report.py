@@ -1,9 +1,9 @@
 """`essa report RUN_DIR`: one self-contained HTML page of a run (no network needed to open it).
 
 The recipe, reward curves (population mean and max, held-out), time per phase and memory per
-iteration, the held-out completions of the initial adapter and of the best center side by side
-with their rewards (for IFEval rows, accuracy per instruction type before and after), and the
-export command. The curves are drawn in the page by a few lines of our own script from the metrics
+iteration, whether the search could learn (essa.search_signal), the held-out completions of the
+initial adapter and of the best center side by side with their rewards (for IFEval rows, accuracy
+per instruction type before and after), and the export command. The curves are drawn in the page by a few lines of our own script from the metrics
 embedded as JSON: a plotting library would have to be inlined whole (hundreds of KB) for three
 line charts. Every text from the run (completions included) is HTML-escaped: model output is
 shown, never interpreted.
@@ -28,6 +28,8 @@ CHARTS = {
     "reward": ["reward_mean", "reward_max", "heldout_reward"],
     "seconds per phase": ["seconds_generate", "seconds_score", "seconds_update", "seconds_eval"],
     "peak memory (MB)": ["peak_memory_mb"],
+    "members against the center": ["diverged_share", "rank_correlation"],
+    "signal to noise of the members' rewards": ["reward_snr"],
 }
 
 SCRIPT = """
@@ -130,6 +132,22 @@ def _warm_start(run_dir: Path, held: list[dict]) -> str:
             f"fine-tune steps, {warm['seconds']:.0f} s, peak memory {warm['peak_memory_mb']:.0f} MB</p>")
 
 
+def _signal(rows: list[dict[str, Any]]) -> str:
+    """One line on whether the members' rewards could steer the search (essa.search_signal says how)."""
+    steps = [r for r in rows if "reward_snr" in r]
+    if not steps:
+        return ""
+    snr = sum(r["reward_snr"] for r in steps) / len(steps)
+    diverged = sum(r["diverged_share"] for r in steps) / len(steps)
+    ranks = [r["rank_correlation"] for r in steps if "rank_correlation" in r]
+    verdict = ("the members' ranking was mostly the minibatch's noise: more prompts per iteration or a larger "
+               "sigma would give the search more to follow" if snr < 1.5 else
+               "the members' rewards spread beyond the minibatch's noise")
+    rank = f"; minibatch vs held-out rank correlation {sum(ranks) / len(ranks):.2f}" if ranks else ""
+    return (f"<p id=signal>search signal, mean over {len(steps)} iterations: {diverged:.0%} of member completions "
+            f"differ from the center's; signal to noise {snr:.2f} ({html.escape(verdict)}){rank}</p>")
+
+
 def render(run_dir: Path) -> str:
     recipe_path, metrics_path = run_dir / RECIPE_FILE, run_dir / METRICS_FILE
     if not recipe_path.is_file() or not metrics_path.is_file():
@@ -147,7 +165,7 @@ def render(run_dir: Path) -> str:
     sections = [f"<h1>essa run: {html.escape(run_dir.name)}</h1>",
                 f"<p>{html.escape(summary)}; {len(rows) - 1} iterations in metrics.jsonl"
                 + (f"; best center at iteration {best_at}" if best_at is not None else "") + "</p>",
-                _warm_start(run_dir, held),
+                _warm_start(run_dir, held), _signal(rows),
                 f"<div class=charts>{charts}</div>"]
     if base and best:
         sections += ["<h2>Held-out completions: initial adapter and best center</h2>",

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides, budget = list(args.overrides), args.budget
     if args.quick:
-        seeds, budget, overrides = seeds[:1], 16, QUICK + overrides
+        seeds, budget, overrides = seeds[:1], 24, QUICK + overrides
     variants = (dict(map(parse_variant, args.variants)) if args.variants
                 else {name: STRATEGIES[name] for name in args.strategies.split(",")})
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, variant in variants.items():
         strategy = overrides + variant
         recipe = recipes.load(args.recipe, strategy)
-        per_iteration = candidates_per_iteration(recipe.strategy) * recipe.data.prompts_per_iteration
+        per_iteration = (candidates_per_iteration(recipe.strategy) + 1) * recipe.data.prompts_per_iteration  # + center
         iterations = max(1, budget // per_iteration)
         settings = strategy + [f"run.iterations={iterations}", f"run.eval_every={max(1, iterations // args.evals)}"]
         results[name] = []

@@ -47,6 +47,24 @@ def test_run_writes_metrics_plot_and_checkpoints(finished_run):
     assert (finished_run / "reward.png").stat().st_size > 0
     assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == ["iter-000003", "iter-000004"]
     assert np.abs(center(finished_run, 4)).sum() > 0
+    # sigma 0.5 on a random model's adapter: members write other things than their center
+    assert all(0 < r["diverged_share"] <= 1 and r["reward_se"] >= 0 for r in rows[1:])
+    assert all(r["candidates"] == 4 + 1 and "rank_correlation" not in r for r in rows[1:])
+
+
+def test_diagnose_scores_members_on_the_heldout_prompts(tiny_recipe, tmp_path):
+    """With a sigma too small to change a token, every member writes its center's completions: nothing
+    differs, the rewards have no spread to rank, and the members' held-out reward is the center's."""
+    recipe = tiny_recipe(strategy={"population": 4, "sigma": 1e-7}, run={"iterations": 2, "eval_every": 1,
+                                                                         "diagnose": True})
+    assert main(["align", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for before, row in zip(rows, rows[1:]):
+        assert row["diverged_share"] == 0 and row["reward_snr"] == 0 and row["rank_correlation"] == 0
+        assert row["center_reward"] == row["reward_mean"] and row["reward_std"] == 0
+        assert row["heldout_members_mean"] == before["heldout_reward"] and row["heldout_members_std"] == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "0% of member completions differ" in page and "rank correlation 0.00" in page
 
 
 def test_two_plus_resume_two_equals_four_bit_for_bit(tiny_recipe, tmp_path, finished_run):
@@ -93,7 +111,7 @@ def test_every_strategy_runs_and_resumes_bit_for_bit_after_a_kill(tiny_recipe, t
     assert all(np.array_equal(final[0][k], final[1][k]) for k in final[0])
     assert np.abs(center(straight, 4)).sum() > 0
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    per_iteration = {"cma": 4, "essam": 2 + 4}[strategy["name"]]
+    per_iteration = {"cma": 4, "essam": 2 + 4}[strategy["name"]] + 1  # the center joins the first population
     assert all(r["candidates"] == per_iteration for r in rows[1:])
     prompts = json.loads((straight / "recipe.json").read_text())["data"]["prompts_per_iteration"]
     assert all(r["sequences"] == per_iteration * prompts for r in rows[1:])

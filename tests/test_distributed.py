@@ -92,7 +92,8 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, out + err
 
 
-REWARD_KEYS = ("iteration", "reward_mean", "reward_std", "reward_max", "reward_failures", "candidates",
+REWARD_KEYS = ("iteration", "reward_mean", "reward_std", "reward_max", "reward_failures", "candidates", "center_reward",
+               "diverged_share", "reward_se", "reward_snr",
                "generated_tokens", "heldout_reward")
 
 

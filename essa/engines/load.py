@@ -59,7 +59,7 @@ def vllm_engine(recipe: Recipe, run_dir: Path, tensor_parallel: int = 1) -> tupl
     engine = VLLMEngine(source, space, recipe.generation.max_new_tokens,
                         resolve_dtype(recipe.model.dtype, device, recipe.model.quantization),
                         recipe.model.quantization,
-                        cfg.max_loras or recipe.strategy.population,
+                        cfg.max_loras or recipe.strategy.population + 1,  # the members and their center
                         memory_args(cfg.kv_cache_gb, cfg.gpu_memory_utilization, device), cfg.max_model_len,
                         recipe.run.seed, tensor_parallel_args(tensor_parallel))
     return engine, load_tokenizer(source)
