@@ -46,11 +46,11 @@ from essa.data import Dataset, render
 from essa.engines.hf import HFEngine
 from essa.engines.load import engine_for
 from essa.engines.rows import prompt_lengths
-from essa.errors import EssaError
+from essa.errors import EssaError, RecipeError
 from essa.evaluation import LocalEvaluator, Task
 from essa.files import remove_tree, write_text
 from essa.metrics import peak_memory_mb
-from essa.models import load_model, resolve_device
+from essa.models import load_model, load_tokenizer, resolve_device, resolve_source
 from essa.preflight import WARM_START_SUMMARY
 from essa.progress import ChunkSteps, phase
 from essa.recipe import Recipe, to_dict
@@ -299,6 +299,7 @@ def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_di
     if resume and done.is_file():
         console.print(f"warm start: done before, using {adapter}")
         return adapter, json.loads(done.read_text())
+    check_max_length(recipe, train)
     earlier = earlier_samples(root, recipe) if resume else None
     if earlier:
         samples, summary = earlier
@@ -329,6 +330,20 @@ def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_di
                 "peak_memory_mb": max(summary["peak_memory_mb"], peak_memory_mb())}
     write_text(done, json.dumps(summary, indent=1))
     return adapter, summary
+
+
+def check_max_length(recipe: Recipe, train: Dataset) -> None:
+    """`warm_start.max_length` must leave completion tokens to learn from: the fine-tune cuts each example
+    at its end, so a limit at or below every prompt's length leaves none (TRL then fails deep inside its
+    sampler). The tokenizer alone tells, so this is said before any model loads."""
+    tokenizer = load_tokenizer(resolve_source(recipe.model.name_or_path))
+    lengths = prompt_lengths(tokenizer, render(tokenizer, prompts_for(recipe, train).prompts(), recipe.data))
+    limit = recipe.warm_start.max_length
+    if limit <= min(lengths):
+        raise RecipeError(recipe.source, "warm_start.max_length",
+                          f"{limit} tokens, but the fine-tune's {len(lengths)} prompts have {min(lengths)} to "
+                          f"{max(lengths)} tokens, so every example would be cut before its completion and nothing "
+                          f"is left to learn; set it above {max(lengths)} (default 1024)")
 
 
 def nothing_to_learn(recipe: Recipe, samples: Path) -> EssaError:

@@ -192,6 +192,7 @@ def test_repaired_samples_join_the_sampled_ones(tiny_recipe, tmp_path):
     ({"warm_start": {**WARM, "repair": "nowhere.py:fix"}}, "warm_start.repair: file 'nowhere.py' not found"),
     ({"warm_start": {**WARM, "repair": "rewards.ifeval_repair:nothing"}},
      "warm_start.repair: cannot load 'rewards.ifeval_repair:nothing'"),
+    ({"warm_start": {**WARM, "max_length": 1}}, "warm_start.max_length: 1 tokens, but the fine-tune's 4 prompts"),
     ({"warm_start": {"method": "reference", "response_field": "solution"}},
      "warm_start.response_field: the training data has no column 'solution'"),
     ({"warm_start": {**WARM, "min_reward": 0.0}, "reward": {"name": "REWARDS:zero"}},
