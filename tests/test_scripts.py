@@ -278,3 +278,14 @@ def test_paired_runs_pairs_the_gains_by_seed(tmp_path, capsys):
     assert "paired difference +0.025" in capsys.readouterr().out
     with_warm_start = script("paired_runs").side(warm)
     assert with_warm_start["gain"] == pytest.approx(0.35) and with_warm_start["after_warm_start"] == 0.5
+
+
+def test_member_agreement_separates_the_engines_numerics_from_sigma(tiny_recipe, tmp_path):
+    """In float32 a 1e-6 offset changes no greedy token, so nothing differs there; a large σ does."""
+    report = script("member_agreement").main(["--recipe", str(tiny_recipe()), "--sigmas", "1e-6,5", "--members", "3",
+                                              "--prompts", "4", "--json", str(tmp_path / "agreement.json")])
+    tiny, large = report["rows"]
+    assert tiny["member_vs_center"] == tiny["member_vs_member"] == tiny["center_vs_center_alone"] == 0
+    assert tiny["members_reward"] == tiny["center_reward"]
+    assert large["member_vs_center"] > 0 and large["member_vs_member"] > 0
+    assert json.loads((tmp_path / "agreement.json").read_text())["rows"] == report["rows"]
