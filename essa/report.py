@@ -3,10 +3,10 @@
 The recipe, reward curves (population mean and max, held-out), time per phase and memory per
 iteration, whether the search could learn (essa.search_signal), the held-out completions of the
 initial adapter and of the best center side by side with their rewards (for IFEval rows, accuracy
-per instruction type before and after), and the export command. The curves are drawn in the page by a few lines of our own script from the metrics
-embedded as JSON: a plotting library would have to be inlined whole (hundreds of KB) for three
-line charts. Every text from the run (completions included) is HTML-escaped: model output is
-shown, never interpreted.
+per instruction type before and after), and the export command. The curves are drawn in the page by
+a few lines of our own script from the metrics embedded as JSON: a plotting library would have to be
+inlined whole (hundreds of KB) for a few line charts. Every text from the run (completions included)
+is HTML-escaped: model output is shown, never interpreted.
 """
 
 from __future__ import annotations
