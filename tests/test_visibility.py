@@ -66,14 +66,29 @@ def test_every_heldout_evaluation_writes_its_completions(tiny_recipe, tmp_path):
         assert np.isclose(np.mean([r["reward"] for r in rows]), metrics[iteration]["heldout_reward"])
 
 
+# IFEval-format held-out rows made here, so the test needs no copy of google/IFEval beside the checkout.
+IFEVAL_ROWS = [
+    {"key": 1, "prompt": "Write a short note about the sea. Your entire response should be in English, and in all "
+     "lowercase letters. No capital letters are allowed.", "instruction_id_list": ["change_case:english_lowercase"],
+     "kwargs": [{}]},
+    {"key": 2, "prompt": "Describe a cat without using any commas. Answer with at least 20 words.",
+     "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words"],
+     "kwargs": [{}, {"relation": "at least", "num_words": 20}]},
+    {"key": 3, "prompt": "Wrap your entire response with double quotation marks. What is rain?",
+     "instruction_id_list": ["startend:quotation"], "kwargs": [{}]},
+]
+
+
 def test_ifeval_completions_carry_verdicts_per_instruction(tiny_recipe, tmp_path):
     pytest.importorskip("lm_eval")
-    run = tmp_path / "ifeval"
-    recipe = tiny_recipe(data={"source": "ifeval-generated", "heldout_source": "google/IFEval", "train_size": 16,
+    run, heldout = tmp_path / "ifeval", tmp_path / "ifeval.jsonl"
+    heldout.write_text("".join(json.dumps(row) + "\n" for row in IFEVAL_ROWS))
+    recipe = tiny_recipe(data={"source": "ifeval-generated", "heldout_source": str(heldout), "train_size": 16,
                                "heldout_size": 3, "prompts_per_iteration": 2}, reward={"name": "ifeval"},
                          run={"iterations": 1, "eval_every": 1})
     assert main(["align", str(recipe), "--out", str(run)]) == 0
     rows = [json.loads(line) for line in (run / "completions" / "iter-000000.jsonl").read_text().splitlines()]
+    assert sorted(r["instructions"] for r in rows) == sorted(r["instruction_id_list"] for r in IFEVAL_ROWS)
     assert all(len(r["instructions"]) == len(r["strict"]) == len(r["loose"]) >= 1 for r in rows)
     assert all(isinstance(v, bool) for r in rows for v in r["strict"])
 
