@@ -79,6 +79,7 @@ class WarmStartSection:
     learning_rate: float = positive(1e-3, 10)
     batch_size: int = positive(8, 10**5)
     max_length: int = positive(1024, 10**7)
+    rounds: int = positive(1, 10**4)
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,10 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError(recipe.source, "warm_start.method",
                           f"{recipe.warm_start.method!r} produces the starting adapter, so it cannot be combined "
                           "with lora.adapter; set one of them")
+    if recipe.warm_start.rounds > 1 and recipe.warm_start.method != "rejection":
+        raise RecipeError(recipe.source, "warm_start.rounds",
+                          "each further round samples from the adapter so far, so it needs "
+                          "warm_start.method = \"rejection\"")
     if recipe.warm_start.repair and recipe.warm_start.method != "rejection":
         raise RecipeError(recipe.source, "warm_start.repair",
                           "repairs the base model's samples, so it needs warm_start.method = \"rejection\"")

@@ -56,10 +56,10 @@ from essa.progress import ChunkSteps, phase
 from essa.recipe import Recipe, to_dict
 from essa.reward_process import RewardFailure
 from essa.scoring import Scorer
-from essa.svd import SVDSpace
+from essa.svd import SVDSpace, build_space
 
 ADAPTER, SAMPLES, SAMPLED = "adapter", "samples.jsonl", "sampled.json"
-FINE_TUNE = ("epochs", "learning_rate", "batch_size", "max_length")  # settings the samples do not depend on
+FINE_TUNE = ("epochs", "learning_rate", "batch_size", "max_length", "rounds")  # settings the samples do not depend on
 BASE = SVDSpace([], 1.0)  # no adapted modules: every candidate is the base model
 
 
@@ -67,37 +67,46 @@ def enabled(recipe: Recipe) -> bool:
     return recipe.warm_start.method != "none"
 
 
-def prompts_for(recipe: Recipe, train: Dataset) -> Dataset:
-    """The fine-tune's prompts: `warm_start.prompts` of the training split, a seeded choice."""
-    rng = np.random.default_rng([recipe.run.seed, 0x5F7])
+def prompts_for(recipe: Recipe, train: Dataset, round_: int = 1) -> Dataset:
+    """A round's prompts: `warm_start.prompts` of the training split, a seeded choice, fresh each round."""
+    rng = np.random.default_rng([recipe.run.seed, 0x5F7] + ([round_] if round_ > 1 else []))
     return train.subset(np.sort(rng.choice(len(train), min(recipe.warm_start.prompts, len(train)), replace=False)))
 
 
-def engine(model, tokenizer, recipe: Recipe, temperature: float = 0.0) -> HFEngine:
-    return engine_for(model, tokenizer, BASE, recipe.generation, temperature, recipe.run.seed)
+def engine(model, tokenizer, recipe: Recipe, temperature: float = 0.0, space: SVDSpace = BASE) -> HFEngine:
+    return engine_for(model, tokenizer, space, recipe.generation, temperature, recipe.run.seed)
 
 
-def base_reward(model, tokenizer, recipe: Recipe, heldout: Dataset, scorer: Scorer, console: Console) -> float:
-    """The base model's held-out reward (greedy), so a run shows what the warm start itself adds."""
-    evaluator = LocalEvaluator(engine(model, tokenizer, recipe), scorer)
+def adapter_space(model, recipe: Recipe, adapter: Path) -> SVDSpace:
+    """The adapter as a space whose center (no offset) is the adapter itself: the engine then generates
+    from base + adapter, as the search does."""
+    lora = recipe.lora
+    return build_space(model, lora.rank, lora.alpha, lora.target_modules, str(adapter), 1.0)
+
+
+def heldout_reward(model, tokenizer, recipe: Recipe, heldout: Dataset, scorer: Scorer, console: Console,
+                   space: SVDSpace = BASE) -> float:
+    """The held-out reward (greedy) of the base model, or of base + adapter when `space` is an adapter's."""
+    evaluator = LocalEvaluator(engine(model, tokenizer, recipe, space=space), scorer)
     try:
-        with ChunkSteps(console, "base model held-out chunks", bar=False) as progress:
-            evaluation = evaluator.evaluate(np.zeros((1, 0)), Task.of(tokenizer, heldout, recipe.data),
+        with ChunkSteps(console, "held-out chunks", bar=False) as progress:
+            evaluation = evaluator.evaluate(np.zeros((1, space.dim)), Task.of(tokenizer, heldout, recipe.data),
                                             on_chunk=progress, on_rows=progress.rows)
     finally:
         evaluator.close()
     return float(evaluation.scores.mean())
 
 
-def best_of_k(model, tokenizer, recipe: Recipe, data: Dataset, scorer: Scorer,
-              console: Console) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Sample k completions per prompt, score them, keep each prompt's best above `min_reward`."""
+def best_of_k(model, tokenizer, recipe: Recipe, data: Dataset, scorer: Scorer, console: Console,
+              space: SVDSpace = BASE) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Sample k completions per prompt (from the base model, or base + adapter when `space` is an
+    adapter's), score them, keep each prompt's best above `min_reward`."""
     cfg = recipe.warm_start
     task = Task.of(tokenizer, data, recipe.data)
-    evaluator = LocalEvaluator(engine(model, tokenizer, recipe, cfg.temperature), scorer)
+    evaluator = LocalEvaluator(engine(model, tokenizer, recipe, cfg.temperature, space), scorer)
     try:
         with ChunkSteps(console, "warm start samples", bar=False) as progress:
-            evaluation = evaluator.evaluate(np.zeros((cfg.samples_per_prompt, 0)), task, keep_texts=True,
+            evaluation = evaluator.evaluate(np.zeros((cfg.samples_per_prompt, space.dim)), task, keep_texts=True,
                                             on_chunk=progress, on_rows=progress.rows)
     finally:
         evaluator.close()
@@ -202,11 +211,12 @@ def trainer_class():
     return CompletionLossTrainer
 
 
-def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out: Path,
-              console: Console) -> dict[str, float]:
-    """TRL's SFTTrainer with a fresh LoRA on the prompt/completion pairs; the adapter goes to `out`."""
+def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out: Path, console: Console,
+              start: Path | None = None) -> dict[str, float]:
+    """TRL's SFTTrainer on the prompt/completion pairs, with a fresh LoRA or the adapter at `start`
+    trained on; the adapter goes to `out`."""
     from datasets import Dataset as HFDataset
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig
 
@@ -217,7 +227,7 @@ def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 console.print(f"warm start fine-tune {state.global_step}/{steps}  loss {logs['loss']:.4f}  "
-                              f"elapsed {time.perf_counter() - start:.0f} s", highlight=False)
+                              f"elapsed {time.perf_counter() - began:.0f} s", highlight=False)
 
     cuda = resolve_device(recipe.model.device).type == "cuda"
     args = SFTConfig(output_dir=str(out.parent / "trainer"), num_train_epochs=cfg.epochs,
@@ -229,8 +239,10 @@ def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out:
                      logging_steps=1, report_to=[], disable_tqdm=True, dataloader_num_workers=0)
     peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, target_modules=lora.target_modules,
                              lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    if start is not None:
+        model, peft_config = PeftModel.from_pretrained(model, str(start), is_trainable=True), None
     data = HFDataset.from_list([{"prompt": r["rendered"], "completion": r["completion"]} for r in rows])
-    start = time.perf_counter()
+    began = time.perf_counter()
     trainer = trainer_class()(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                               peft_config=peft_config, callbacks=[Lines()])
     trainer.remove_callback(PrinterCallback)  # its raw dicts repeat what Lines says
@@ -238,10 +250,11 @@ def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out:
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)  # a round's adapter replaces the one it was trained from
     os.replace(tmp, out)
     shutil.rmtree(out.parent / "trainer", ignore_errors=True)
     return {"sft_steps": trainer.state.global_step, "sft_train_loss": float(result.training_loss),
-            "seconds_fine_tune": time.perf_counter() - start}
+            "seconds_fine_tune": time.perf_counter() - began}
 
 
 def sampling_settings(recipe: Recipe) -> dict[str, Any]:
@@ -271,7 +284,7 @@ def make_samples(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Score
         model, tokenizer = load_model(recipe.model)
     summary: dict[str, Any] = {"method": recipe.warm_start.method}
     with phase(console, f"warm start: evaluating the base model on {len(heldout)} held-out prompts"):
-        summary["base_heldout_reward"] = base_reward(model, tokenizer, recipe, heldout, scorer, console)
+        summary["base_heldout_reward"] = heldout_reward(model, tokenizer, recipe, heldout, scorer, console)
     console.print(f"held-out reward of the base model: {summary['base_heldout_reward']:.4f}")
     data = prompts_for(recipe, train)
     if recipe.warm_start.method == "rejection":
@@ -326,10 +339,48 @@ def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_di
         summary |= fine_tune(model.train(), tokenizer, recipe, kept, adapter, console)
     del model
     gc.collect()
+    if recipe.warm_start.rounds > 1:
+        summary["rounds"] = [further_round(recipe, train, heldout, scorer, root, adapter, round_, console)
+                             for round_ in range(2, recipe.warm_start.rounds + 1)]
     summary |= {"seconds": summary["seconds_samples"] + time.perf_counter() - start,
                 "peak_memory_mb": max(summary["peak_memory_mb"], peak_memory_mb())}
     write_text(done, json.dumps(summary, indent=1))
     return adapter, summary
+
+
+def further_round(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, root: Path, adapter: Path,
+                  round_: int, console: Console) -> dict[str, Any]:
+    """Expert iteration, one round: the held-out reward of the adapter so far, then its own samples on
+    fresh prompts, each prompt's best kept, and the same adapter trained on (the fine-tune continued,
+    where the search would start instead)."""
+    start = time.perf_counter()
+    with phase(console, f"warm start round {round_}: loading the model with the adapter so far"):
+        model, tokenizer = load_model(recipe.model)
+        space = adapter_space(model, recipe, adapter)
+    record: dict[str, Any] = {"round": round_, "heldout_reward_before": heldout_reward(
+        model, tokenizer, recipe, heldout, scorer, console, space)}
+    k = recipe.warm_start.samples_per_prompt
+    with phase(console, f"warm start round {round_}: sampling {k} completions for each of "
+                        f"{recipe.warm_start.prompts} fresh prompts from the adapter"):
+        samples, stats = best_of_k(model, tokenizer, recipe, prompts_for(recipe, train, round_), scorer, console,
+                                   space)
+    del model, space  # the fine-tune gets a model of its own, as in the first round (run says why)
+    gc.collect()
+    path = root / f"samples-round-{round_:03d}.jsonl"
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+    kept = [r for r in samples if r["kept"]]
+    if not kept:
+        raise nothing_to_learn(recipe, path)
+    console.print(f"warm start round {round_}: held-out reward of the adapter so far "
+                  f"{record['heldout_reward_before']:.4f}; samples {stats['sample_reward']:.4f}, best of {k} "
+                  f"{stats['best_of_k_reward']:.4f}")
+    with phase(console, f"warm start round {round_}: fine-tuning the adapter on {len(kept)} examples"):
+        model, tokenizer = load_model(recipe.model)
+        record |= stats | {"examples": len(kept)} | fine_tune(model.train(), tokenizer, recipe, kept, adapter,
+                                                              console, start=adapter)
+    del model
+    gc.collect()
+    return record | {"seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb()}
 
 
 def check_max_length(recipe: Recipe, train: Dataset) -> None:

@@ -272,3 +272,32 @@ def test_completion_loss_equals_trls(tiny_model_dir, tmp_path):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
     model.config.final_logit_softcapping = 30.0
     assert not plain_head(trainer.model), "a softcapped head is left to TRL, which applies it"
+
+
+def test_further_rounds_sample_from_the_adapter_and_train_it_on(warm_run, tiny_recipe, tmp_path):
+    """Round 1 is the one-round warm start itself: round 2 measures its adapter exactly as the search's
+    iteration 0 did, then samples fresh prompts from it and trains the same adapter on."""
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    run = tmp_path / "rounds"
+    recipe = tiny_recipe(warm_start=WARM | {"rounds": 3}, reward={"name": f"{tmp_path / 'rewards.py'}:length"},
+                         run={"iterations": 1, "eval_every": 1})
+    assert main(["align", str(recipe), "--out", str(run)]) == 0
+    warm = json.loads((run / "summary.json").read_text())["warm_start"]
+    one_round = json.loads((warm_run / "metrics.jsonl").read_text().splitlines()[0])["heldout_reward"]
+    assert [r["round"] for r in warm["rounds"]] == [2, 3]
+    assert warm["rounds"][0]["heldout_reward_before"] == one_round
+    assert all(r["examples"] == 4 and r["sft_steps"] == 2 for r in warm["rounds"])
+    fresh = [[r["prompt"] for r in map(json.loads, (run / "warm_start" / f"samples-round-{n:03d}.jsonl")
+                                       .read_text().splitlines())] for n in (2, 3)]
+    first = [r["prompt"] for r in map(json.loads, (run / "warm_start" / "samples.jsonl").read_text().splitlines())]
+    assert set(fresh[0]) != set(first) and set(fresh[1]) != set(fresh[0])
+    _, trained_on = read_peft_adapter(run / "warm_start" / "adapter")
+    _, once = read_peft_adapter(warm_run / "warm_start" / "adapter")
+    assert trained_on.keys() == once.keys()
+    assert any(not torch.equal(trained_on[k][1], once[k][1]) for k in once)
+
+
+def test_rounds_need_rejection(tiny_recipe, capsys):
+    recipe = tiny_recipe(warm_start={"method": "reference", "rounds": 2})
+    assert main(["recipe", "check", str(recipe)]) == 2
+    assert "warm_start.rounds: each further round samples from the adapter so far" in capsys.readouterr().err
