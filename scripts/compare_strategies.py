@@ -159,21 +159,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The held-out prompts depend on the run seed, so gains are taken per seed against its own base model.
     print(f"\n{'variant':12s} {'iterations':>10s} {'base':>8s} {'initial':>8s} {'final':>8s} "
-          f"{'gain (mean ± sd)':>18s} {'best gain':>9s} {'seconds':>8s}")
+          f"{'gain (mean ± sd)':>18s} {'search (mean ± sd)':>20s} {'best gain':>9s} {'seconds':>8s}")
     summary = {}
     for name, runs in results.items():
         base = spread([r["base"] for r in runs])
         initial = spread([r["curve"][0]["heldout_reward"] for r in runs])
         final = spread([r["curve"][-1]["heldout_reward"] for r in runs])
         gain = spread([r["curve"][-1]["heldout_reward"] - r["base"] for r in runs])
+        # the search's own part: from its starting adapter (after a warm start) to its final center
+        search = spread([r["curve"][-1]["heldout_reward"] - r["curve"][0]["heldout_reward"] for r in runs])
         best_gain = statistics.mean(max(p["heldout_reward"] for p in r["curve"]) - r["base"] for r in runs)
         seconds = spread([r["curve"][-1]["seconds"] for r in runs])
         summary[name] = {"base_mean": base[0], "initial_mean": initial[0], "final_mean": final[0],
                          "final_sd": final[1],
                          "gain_mean": gain[0], "gain_sd": gain[1], "best_gain_mean": best_gain,
+                         "search_gain_mean": search[0], "search_gain_sd": search[1],
+                         "search_gains": [r["curve"][-1]["heldout_reward"] - r["curve"][0]["heldout_reward"]
+                                          for r in runs],
                          "seconds_mean": seconds[0], "iterations": runs[0]["iterations"]}
         print(f"{name:12s} {runs[0]['iterations']:>10d} {base[0]:8.4f} {initial[0]:8.4f} {final[0]:8.4f} "
-              f"{gain[0]:+10.4f} ± {gain[1]:.4f} {best_gain:+9.4f} {seconds[0]:8.1f}")
+              f"{gain[0]:+10.4f} ± {gain[1]:.4f} {search[0]:+12.4f} ± {search[1]:.4f} {best_gain:+9.4f} "
+              f"{seconds[0]:8.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "strategies.png", f"{args.recipe.name}: {len(seeds)} seeds, {budget} sequences")
     report = {"recipe": str(args.recipe), "overrides": overrides, "variants": variants, "budget": budget,

@@ -28,6 +28,8 @@ def test_compare_strategies_quick(tiny_recipe, tmp_path, capsys):
     argv = ["--recipe", str(tiny_recipe()), "--quick", "--out", str(out), "--json", str(report_path)]
     report = compare.main(argv)
     assert set(report["summary"]) == set(compare.STRATEGIES)
+    for summary in report["summary"].values():
+        assert summary["search_gain_mean"] == pytest.approx(summary["final_mean"] - summary["initial_mean"])
     for name, runs in report["runs"].items():
         (run,) = runs  # --quick: one seed
         metrics = [json.loads(line) for line in (out / name / "seed-0" / "metrics.jsonl").read_text().splitlines()]
