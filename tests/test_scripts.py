@@ -291,3 +291,24 @@ def test_member_agreement_separates_the_engines_numerics_from_sigma(tiny_recipe,
     assert tiny["members_reward"] == tiny["center_reward"]
     assert large["member_vs_center"] > 0 and large["member_vs_member"] > 0
     assert json.loads((tmp_path / "agreement.json").read_text())["rows"] == report["rows"]
+
+
+def test_search_study_runs_expert_iteration_at_the_budget_and_draws_its_curve(tiny_recipe, tmp_path):
+    warm = {"method": "rejection", "prompts": 2, "samples_per_prompt": 2, "temperature": 1.0, "epochs": 1.0,
+            "batch_size": 2}
+    recipe = tiny_recipe(warm_start=warm, data={"heldout_size": 3})
+    records = tmp_path / "records"
+    argv = ["--recipe", str(recipe), "--records", str(records), "--budget", "8", "--seeds", "0",
+            "--expert-iteration", "ei: warm_start.learning_rate=0.01", "--out", str(tmp_path / "runs"),
+            "--plot", str(tmp_path / "curves.png"), "--json", str(tmp_path / "study.json")]
+    report = script("search_study").main(argv)
+    (run,) = report["curves"]["ei"]
+    # 8 sequences after the warm start at 2 prompts x 2 samples per round: rounds 2 and 3
+    assert [p["sequences"] for p in run["curve"]] == [0, 4, 8]
+    recorded = json.loads((records / "ei" / "seed-0.json").read_text())
+    assert recorded["summary"]["warm_start"]["rounds"][0]["heldout_reward_before"] == run["curve"][0]["heldout_reward"]
+    assert run["curve"][-1]["heldout_reward"] == recorded["rows"][0]["heldout_reward"]
+    own = run["curve"][-1]["heldout_reward"] - run["curve"][0]["heldout_reward"]
+    assert report["summary"]["ei"]["own_part"] == [own]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert script("search_study").main(argv)["curves"] == report["curves"]  # a rerun reuses the record
