@@ -31,7 +31,8 @@ from essa import recipe as recipes  # noqa: E402
 
 # The search after the rounds is a formality (one iteration of 2 × 1): the run's held-out evaluation
 # at iteration 0 is the last round's adapter.
-NO_SEARCH = ["strategy.name=es", "strategy.population=2", "data.prompts_per_iteration=1", "run.iterations=1", "run.eval_every=1"]
+NO_SEARCH = ["strategy.name=es", "strategy.population=2", "data.prompts_per_iteration=1", "run.iterations=1",
+             "run.eval_every=1"]
 
 
 def search_curve(rows: list[dict]) -> list[dict]:
