@@ -7,11 +7,14 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -130,6 +133,10 @@ def _first_line(err: BaseException) -> str:
 def read_config(cfg: ModelSection) -> PretrainedConfig:
     """The model's config.json, without weights, or one line saying why it cannot be used."""
     source = resolve_source(cfg.name_or_path)
+    if is_hub_id(cfg.name_or_path) and try_to_load_from_cache(source, "config.json") is None and not hub_reachable():
+        raise EssaError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: the hub ({constants.ENDPOINT}) is "
+                        "not reachable and the model is not in the local cache; offline? use a local directory, "
+                        "a .gguf file or 'smollm2-135m-instruct'")
     try:
         return AutoConfig.from_pretrained(source)
     except OSError as err:
@@ -138,6 +145,18 @@ def read_config(cfg: ModelSection) -> PretrainedConfig:
     except Exception as err:  # noqa: BLE001 - ValueError without model_type, JSON errors, unknown architectures
         raise EssaError(f"model.name_or_path: cannot read the config of {cfg.name_or_path!r} "
                         f"({_first_line(err)})") from None
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick connection to the hub's endpoint. Offline, huggingface_hub retries a request five times
+    with back-off (about 30 s per file) before it fails, and has no setting for that."""
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def meta_model(config: PretrainedConfig, name: str) -> PreTrainedModel:

@@ -130,3 +130,23 @@ def test_every_shipped_recipe_passes_recipe_check(capsys):
     for path in sorted((ROOT / "recipes").glob("*.toml")):
         assert main(["recipe", "check", str(path)]) == 0, path
         assert f"{path}: valid" in capsys.readouterr().out
+
+
+def test_an_unreachable_hub_costs_one_quick_try(tmp_path):
+    """Offline, huggingface_hub would retry each file five times with back-off; essa asks once. The hub
+    here is a loopback port nothing listens on, so the connection is refused at once."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "hub.toml"
+    path.write_text('[model]\nname_or_path = "nobody/no-such-model"\n')
+    env = os.environ | {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([sys.executable, "-m", "essa", "align", str(path), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: model.name_or_path: cannot load 'nobody/no-such-model': the hub "
+                                   "(http://127.0.0.1:9) is not reachable and the model is not in the local cache; "
+                                   "offline? use a local directory, a .gguf file or 'smollm2-135m-instruct'")
+    assert "Retry" not in proc.stdout + proc.stderr
