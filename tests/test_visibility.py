@@ -216,6 +216,8 @@ def test_report_renders_in_headless_chromium(tiny_recipe, tmp_path):
     body = dom.split("<body")[1][:200]  # the body tag with its data-* attributes
     assert 'data-rendered="yes"' in body and "pwned" not in body and 'id="script-error"' not in dom
     assert dom.count('class="curve"') >= 5  # reward mean/max/held-out, phases, memory
+    assert 'data-key="reward_snr"' in dom and 'data-key="diverged_share"' in dom  # the search's signal
+    assert 'id="signal"' in dom and "of member completions differ from the center" in dom
     assert dom.count("<tr>") >= 1 + 4 and "&lt;/script&gt;" in dom
     png = tmp_path / "report.png"
     chromium(f"--screenshot={png}", "--window-size=1200,1600", report.as_uri())
