@@ -23,3 +23,12 @@ def script_report(script: str, argv: list[str] | None, **fields) -> dict:
 
     command = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
     return {**fields, "machine": platform.machine(), "torch": torch.__version__, "command": command}
+
+
+def write_json(path: Path | None, report: dict) -> None:
+    """A script's --json output, when asked for (its folder made as needed)."""
+    if path is not None:
+        import json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_model, script_report
+from machine import cpu_model, script_report, write_json
 from rich.console import Console
 
 from essa import recipe as recipes
@@ -88,9 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         inputs.scorer.close()
     report = script_report("member_agreement.py", argv, recipe=str(args.recipe), overrides=args.overrides,
                            cpu=cpu_model(), members=args.members, prompts=args.prompts, rows=rows)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+    write_json(args.json, report)
     return report
 
 

@@ -24,8 +24,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from compare_strategies import SECONDS, parse_variant, run_one  # noqa: E402
-from machine import cpu_model  # noqa: E402
+from compare_strategies import curve, parse_variant, run_one  # noqa: E402
+from machine import cpu_model, write_json  # noqa: E402
 
 from essa import recipe as recipes  # noqa: E402
 
@@ -33,17 +33,6 @@ from essa import recipe as recipes  # noqa: E402
 # at iteration 0 is the last round's adapter.
 NO_SEARCH = ["strategy.name=es", "strategy.population=2", "data.prompts_per_iteration=1", "run.iterations=1",
              "run.eval_every=1"]
-
-
-def search_curve(rows: list[dict]) -> list[dict]:
-    """Held-out points of a search run: sequences and seconds after its warm start."""
-    points, sequences, seconds = [], 0, 0.0
-    for row in rows:
-        sequences += row.get("sequences", 0)
-        seconds += sum(row.get(k, 0.0) for k in SECONDS)
-        if row.get("heldout_reward") is not None:
-            points.append({"sequences": sequences, "seconds": seconds, "heldout_reward": row["heldout_reward"]})
-    return points
 
 
 def rounds_curve(rows: list[dict], summary: dict, per_round: int) -> list[dict]:
@@ -77,7 +66,7 @@ def curves(records: Path, recipe: Path) -> dict[str, list[dict]]:
             loaded = recipes.load(recipe, record["overrides"])
             points = rounds_curve(rows, summary, loaded.warm_start.prompts * loaded.warm_start.samples_per_prompt)
         else:
-            points = search_curve(rows)
+            points = curve(rows)  # sequences and seconds after the warm start
         seed = int(path.stem.removeprefix("seed-"))
         found.setdefault(path.parent.name, []).append({"seed": seed, "base": warm.get("base_heldout_reward"),
                                                        "cpu": record.get("cpu"), "curve": points})
@@ -147,9 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot(found, args.plot, f"{args.recipe.name}: held-out reward after the warm start")
     report = {"recipe": str(args.recipe), "budget": args.budget, "cpu": cpu_model(), "summary": summary,
               "curves": found}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+    write_json(args.json, report)
     return report
 
 
