@@ -194,8 +194,9 @@ def evolve(parts: Parts, raw: dict, run_dir: Path, resume: bool, started: float,
     ckpt_root, metrics = run_dir / CHECKPOINTS, MetricsLog(run_dir / METRICS_FILE)
     space = parts.evaluator.space
     strategy = make_strategy(recipe.strategy, space.dim, run.seed, run.iterations)
-    console.print(f"search space: {len(space.modules)} modules, rank {space.rank}, {space.dim} trainable singular "
-                  f"values; population {recipe.strategy.population} × "
+    searched = "LoRA factor entries" if space.space == "factors" else "trainable singular values"
+    console.print(f"search space: {len(space.modules)} modules, rank {space.rank}, {space.dim} {searched}; "
+                  f"population {recipe.strategy.population} × "
                   f"{min(recipe.data.prompts_per_iteration, len(parts.train))} prompts")
 
     restored = restore(ckpt_root, strategy, console) if resume else None

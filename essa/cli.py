@@ -192,9 +192,9 @@ def _recipe_check(args: argparse.Namespace) -> None:
     except EssaError as err:
         print(f"  search dimension and memory: not computed ({err})")
         return
-    trainable = p.search_dim // (2 * p.modules)
-    print(f"  search dimension: {p.search_dim} ({p.modules} modules × 2 factors × {trainable} trainable "
-          "singular values)")
+    factors = "2 factors" if recipe.svd.factors == "both" else "factor B"
+    searched = "every entry" if recipe.svd.space == "factors" else "trainable singular values"
+    print(f"  search dimension: {p.search_dim} ({p.modules} modules, {factors}, {searched})")
     print(f"  population {p.population} × {p.prompts_per_iteration} prompts per iteration "
           f"({p.rows_per_iteration} rows per generate call, the center's included)")
     strategy = recipe.strategy

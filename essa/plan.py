@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from essa.models import meta_model, read_config, resolve_dtype
 from essa.recipe import Recipe
-from essa.svd import find_targets
+from essa.svd import find_targets, searched_entries
 
 BYTES_PER_WEIGHT = {"none": None, "int8": 1.0, "nf4": 0.55, "fp4": 0.55}  # 4-bit: + absmax/blocks
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -35,8 +34,13 @@ def plan(recipe: Recipe, device_type: str = "cuda", prompt_tokens: int = 256) ->
     config = read_config(recipe.model)
     model = meta_model(config, recipe.model.name_or_path)
     targets = find_targets(model, recipe.lora.target_modules)
-    rank = recipe.lora.rank
-    trainable = max(1, math.ceil(recipe.svd.trainable_fraction * rank))
+    svd = recipe.svd
+    search_dim = 0
+    for module in targets.values():
+        rank = min(recipe.lora.rank, module.in_features, module.out_features)
+        a = searched_entries(rank, rank, module.in_features, svd.trainable_fraction, svd.space)
+        b = searched_entries(rank, module.out_features, rank, svd.trainable_fraction, svd.space)
+        search_dim += (a if svd.factors == "both" else 0) + b
     dtype = str(resolve_dtype(recipe.model.dtype, torch.device(device_type), recipe.model.quantization)).removeprefix(
         "torch.")
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -50,5 +54,5 @@ def plan(recipe: Recipe, device_type: str = "cuda", prompt_tokens: int = 256) ->
     tokens = prompt_tokens + recipe.generation.max_new_tokens
     cached = min(rows * tokens, max(recipe.generation.batch_tokens, tokens))  # a chunk's budget, one row at least
     kv = cached * config.num_hidden_layers * 2 * kv_heads * head_dim * DTYPE_BYTES[dtype]
-    return Plan(len(targets), len(targets) * 2 * trainable, recipe.strategy.population,
+    return Plan(len(targets), search_dim, recipe.strategy.population,
                 recipe.data.prompts_per_iteration, rows, weights / 2**30, kv / 2**30)

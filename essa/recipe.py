@@ -87,6 +87,7 @@ class SVDSection:
     trainable_fraction: float = _checked(1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
     factors: Literal["both", "b"] = "both"
     directions: Literal["principal", "random"] = "principal"
+    space: Literal["singular_values", "factors"] = "singular_values"
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,10 @@ def _validate(recipe: Recipe) -> None:
                                   f"antithetic sampling needs an even {key}, got {getattr(strategy, key)}")
     if recipe.model.quantization != "none" and recipe.model.dtype == "float16" and recipe.model.device == "cpu":
         raise RecipeError(recipe.source, "model.dtype", "float16 is not supported on CPU; use float32 or auto")
+    if recipe.svd.space == "factors" and strategy.name == "cma" and strategy.covariance == "full":
+        raise RecipeError(recipe.source, "strategy.covariance",
+                          "a full covariance over every entry of the LoRA factors (svd.space = \"factors\") "
+                          "takes dimension² memory; use \"auto\" or \"diagonal\", or strategy.name = \"es\"")
     adapter = recipe.lora.adapter
     if adapter and recipe.warm_start.method != "none":
         raise RecipeError(recipe.source, "warm_start.method",

@@ -21,6 +21,14 @@ Which singular values are searched (`svd.factors`): "both" (A's and B's, as in t
 A's values act only through the product and, while s_B = 0, not at all: searching B's alone
 spans the same deltas with half the dimensions. From an SFT adapter the two differ (A's values
 then mix with B's through V_Bᵀ U_A), and "b" is a restriction.
+
+What is searched (`svd.space`): "singular_values" (above), or "factors": every entry of the LoRA
+factors A and B themselves, as offsets to the same initial adapter (OpenAI-ES / ES-at-scale style,
+the center a float64 master copy). A rescaling of r fixed directions per factor cannot rotate them
+or leave their span; the factors can, at the price of a dimension of r·(in + out) per module
+(460,800 for SmolLM2-135M's q/k/v/o at r = 4), which only separable strategies afford. The engine
+evaluates such a population as one shared term of rank population × r with each row masked to its
+own candidate's block (essa/engines/hf.py), so no per-row matrices are built.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from essa.errors import EssaError
 from essa.files import atomic_path
 
 FACTORS = ("both", "b")
+SPACES = ("singular_values", "factors")
 DIRECTIONS = ("principal", "random")
 
 
@@ -117,29 +126,42 @@ def adapter_factors(name: str, module: nn.Linear, lora_a: Tensor, lora_b: Tensor
     return ModuleFactors(name, a, b, scaling)
 
 
+def searched_entries(rank: int, rows: int, cols: int, trainable_fraction: float, space: str) -> int:
+    """How many entries of the search vector move one factor (rows × cols, of the given rank)."""
+    if space == "factors":
+        return rows * cols
+    return max(1, math.ceil(trainable_fraction * rank))
+
+
 class SVDSpace:
     """All adapted modules' frozen factors and the map between a flat search vector and them."""
 
-    def __init__(self, modules: list[ModuleFactors], trainable_fraction: float, factors: str = "both") -> None:
+    def __init__(self, modules: list[ModuleFactors], trainable_fraction: float, factors: str = "both",
+                 space: str = "singular_values") -> None:
         if factors not in FACTORS:
             raise EssaError(f"svd.factors: {factors!r} is not one of {', '.join(FACTORS)}")
+        if space not in SPACES:
+            raise EssaError(f"svd.space: {space!r} is not one of {', '.join(SPACES)}")
         self.modules = modules
         self.trainable_fraction = trainable_fraction
         self.factors = factors
+        self.space = space
         self.slices: list[tuple[slice, slice]] = []
         start = 0
         for m in modules:
-            ka = self._trainable(len(m.a.s)) if factors == "both" else 0
-            kb = self._trainable(len(m.b.s))
+            ka = self._trainable(m.a) if factors == "both" else 0
+            kb = self._trainable(m.b)
             self.slices.append((slice(start, start + ka), slice(start + ka, start + ka + kb)))
             start += ka + kb
         self.dim = start
 
-    def _trainable(self, rank: int) -> int:
-        return max(1, math.ceil(self.trainable_fraction * rank))
+    def _trainable(self, factor: Factor) -> int:
+        return searched_entries(len(factor.s), len(factor.U), len(factor.V), self.trainable_fraction, self.space)
 
     def singular_values(self, offsets: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per module, (s_A, s_B) for each candidate: offsets [P, dim] -> ([P, r], [P, r])."""
+        if self.space != "singular_values":
+            raise ValueError(f"a space of {self.space} has no per-candidate singular values")
         offsets = torch.as_tensor(offsets, dtype=torch.float32)
         out = []
         for m, (sa, sb) in zip(self.modules, self.slices):
@@ -150,11 +172,28 @@ class SVDSpace:
             out.append((s_a, s_b))
         return out
 
+    def lora_factors(self, offsets: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per module, (A, B) of each candidate, in float32: offsets [P, dim] -> ([P, r, in], [P, out, r])."""
+        offsets = torch.atleast_2d(torch.as_tensor(offsets))
+        if self.space == "factors":
+            return [(self._moved(m.a, offsets[:, sa]), self._moved(m.b, offsets[:, sb]))
+                    for m, (sa, sb) in zip(self.modules, self.slices)]
+        return [(torch.stack([m.a.matrix(v) for v in s_a]).float(), torch.stack([m.b.matrix(v) for v in s_b]).float())
+                for m, (s_a, s_b) in zip(self.modules, self.singular_values(offsets))]
+
+    @staticmethod
+    def _moved(factor: Factor, offsets: Tensor) -> Tensor:
+        """The factor plus each candidate's offsets (none: the factor), summed in float64."""
+        initial = factor.matrix(factor.s)
+        moved = initial.expand(len(offsets), -1, -1).clone()
+        if offsets.shape[1]:
+            moved += offsets.double().reshape(moved.shape)
+        return moved.float()
+
     def lora_weights(self, offsets: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Materialized LoRA (A, B) per module for one candidate, in float32."""
-        values = self.singular_values(torch.as_tensor(offsets).reshape(1, -1))
-        return {m.name: (m.a.matrix(s_a[0]).float(), m.b.matrix(s_b[0]).float())
-                for m, (s_a, s_b) in zip(self.modules, values)}
+        factors = self.lora_factors(torch.as_tensor(offsets).reshape(1, -1))
+        return {m.name: (a[0], b[0]) for m, (a, b) in zip(self.modules, factors)}
 
     @property
     def rank(self) -> int:
@@ -163,7 +202,7 @@ class SVDSpace:
     def save(self, path: Path) -> None:
         tensors = {f"{m.name}.{f}.{k}": getattr(getattr(m, f), k).contiguous().clone()
                    for m in self.modules for f in ("a", "b") for k in ("U", "s", "V")}
-        meta = {"trainable_fraction": str(self.trainable_fraction), "factors": self.factors,
+        meta = {"trainable_fraction": str(self.trainable_fraction), "factors": self.factors, "space": self.space,
                 "modules": json.dumps([[m.name, m.scaling] for m in self.modules])}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -180,8 +219,9 @@ class SVDSpace:
             modules = [ModuleFactors(name, *(Factor(*(t[f"{name}.{f}.{k}"] for k in ("U", "s", "V")))
                                              for f in ("a", "b")), float(scaling))
                        for name, scaling in json.loads(meta["modules"])]
-            # Spaces saved before `factors` existed searched both factors.
-            space = cls(modules, float(meta["trainable_fraction"]), meta.get("factors", "both"))
+            # Spaces saved before `factors` or `space` existed searched both factors' singular values.
+            space = cls(modules, float(meta["trainable_fraction"]), meta.get("factors", "both"),
+                        meta.get("space", "singular_values"))
         except Exception as err:  # noqa: BLE001 - any damage to the file reads the same to the user
             raise EssaError(f"{path}: damaged search space ({type(err).__name__}); delete it and run "
                             "`essa align ... --resume` to rebuild it from the model and recipe") from None
@@ -192,7 +232,7 @@ class SVDSpace:
 
 def build_space(model: nn.Module, rank: int, alpha: float, target_modules: list[str],
                 adapter: str, trainable_fraction: float, factors: str = "both",
-                directions: str = "principal", seed: int = 0) -> SVDSpace:
+                directions: str = "principal", seed: int = 0, space: str = "singular_values") -> SVDSpace:
     """The search space for a model: from a PEFT adapter directory, or at the base model along
     W's principal directions or random ones (`directions`, drawn from `seed`)."""
     if adapter:
@@ -211,4 +251,4 @@ def build_space(model: nn.Module, rank: int, alpha: float, target_modules: list[
         modules = [principal_factors(name, module, rank, scaling) if directions == "principal"
                    else random_factors(name, module, rank, scaling, seed)
                    for name, module in find_targets(model, target_modules).items()]
-    return SVDSpace(modules, trainable_fraction, factors)
+    return SVDSpace(modules, trainable_fraction, factors, space)

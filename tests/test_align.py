@@ -202,6 +202,35 @@ def test_exported_merged_model_loads_with_transformers(finished_run, tiny_model_
     assert greedy(merged, load_tokenizer(str(out)), ["Hello"], 4)  # generates
 
 
+def test_a_search_over_the_lora_factors_runs_resumes_and_exports_its_center(tiny_recipe, tiny_model_dir, tmp_path):
+    from tests.conftest import PROMPTS
+
+    recipe = tiny_recipe(svd={"space": "factors"}, strategy={"name": "es", "sigma": 0.05, "learning_rate": 0.02})
+    run = tmp_path / "run"
+    assert main(["align", str(recipe), "--out", str(run), "--set", "run.iterations=2"]) == 0
+    assert main(["align", str(recipe), "--out", str(run), "--resume", "--set", "run.iterations=4"]) == 0
+    space = SVDSpace.load(run / "space.safetensors")
+    assert space.space == "factors" and center(run, 4).shape == (space.dim,) and np.abs(center(run, 4)).sum() > 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["diverged_share"] > 0 for r in rows[1:])
+    assert main(["export", str(run), "--adapter", str(tmp_path / "adapter"), "--center", "final"]) == 0
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    engine = HFEngine(base, tokenizer, space, max_new_tokens=6, batch_rows=64)
+    expected = engine.generate(torch.as_tensor(center(run, 4))[None], PROMPTS).completions[0]
+    engine.close()
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    assert greedy(peft_model, tokenizer, PROMPTS, 6) == expected
+
+
+def test_a_full_covariance_over_the_factors_is_refused_before_anything_loads(tiny_recipe, tmp_path, capsys):
+    recipe = tiny_recipe(svd={"space": "factors"}, strategy={"name": "cma", "covariance": "full"})
+    assert main(["align", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "strategy.covariance: a full covariance over every entry of the LoRA factors" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_of_a_non_run_directory_fails_cleanly(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--adapter", str(tmp_path / "a")]) == 2
     assert "is it an `essa align` output" in capsys.readouterr().err

@@ -30,18 +30,24 @@ def peft_model(model_dir, space, candidate, dtype, quantization="none"):
     return model.eval()
 
 
-def setup(model_dir, dtype, quantization="none", population=4):
+# Offsets of each space's scale: singular values near 1, factor entries near 1/sqrt(width).
+SIGMA = {"singular_values": 0.5, "factors": 0.05}
+
+
+def setup(model_dir, dtype, quantization="none", population=4, space="singular_values"):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                  quantization_config=quantization_config(quantization, dtype)).eval()
     tokenizer = load_tokenizer(str(model_dir))
-    space = build_space(model, rank=4, alpha=4, target_modules=TARGETS, adapter="", trainable_fraction=1.0)
+    searched = build_space(model, rank=4, alpha=4, target_modules=TARGETS, adapter="", trainable_fraction=1.0,
+                           space=space)
     torch.manual_seed(1)
-    candidates = torch.randn(population, space.dim) * 0.5
-    return model, tokenizer, space, candidates
+    candidates = torch.randn(population, searched.dim) * SIGMA[space]
+    return model, tokenizer, searched, candidates
 
 
-def test_greedy_output_of_every_member_equals_peft_with_its_adapter(tiny_model_dir):
-    model, tokenizer, space, candidates = setup(tiny_model_dir, torch.float64)
+@pytest.mark.parametrize("space", ["singular_values", "factors"])
+def test_greedy_output_of_every_member_equals_peft_with_its_adapter(tiny_model_dir, space):
+    model, tokenizer, space, candidates = setup(tiny_model_dir, torch.float64, space=space)
     engine = HFEngine(model, tokenizer, space, max_new_tokens=8, batch_rows=5)  # 12 rows in chunks of 5
     gen = engine.generate(candidates, PROMPTS)
     assert len(gen.completions) == len(candidates) and gen.tokens > 0
@@ -58,9 +64,12 @@ def test_zero_offsets_give_the_base_model(tiny_model_dir):
     assert engine.generate(torch.zeros(1, space.dim), PROMPTS).completions[0] == base
 
 
-@pytest.mark.parametrize("quantization, layer", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
-def test_quantized_engine_matches_peft_on_real_bitsandbytes_layers(tiny_model_dir, quantization, layer):
-    model, tokenizer, space, candidates = setup(tiny_model_dir, torch.float32, quantization, population=2)
+@pytest.mark.parametrize("quantization, layer, space", [("int8", "Linear8bitLt", "singular_values"),
+                                                        ("nf4", "Linear4bit", "singular_values"),
+                                                        ("nf4", "Linear4bit", "factors")])
+def test_quantized_engine_matches_peft_on_real_bitsandbytes_layers(tiny_model_dir, quantization, layer, space):
+    model, tokenizer, space, candidates = setup(tiny_model_dir, torch.float32, quantization, population=2,
+                                                space=space)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer
     engine = HFEngine(model, tokenizer, space, max_new_tokens=4, batch_rows=64)
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)

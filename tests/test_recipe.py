@@ -113,7 +113,7 @@ def test_recipe_check_prints_the_plan_without_loading_weights(capsys):
     assert main(["recipe", "check", str(ROOT / "recipes" / "quickstart.toml")]) == 0
     out = capsys.readouterr().out
     assert "quickstart.toml: valid" in out
-    assert "search dimension: 960 (120 modules × 2 factors × 4 trainable" in out
+    assert "search dimension: 960 (120 modules, 2 factors, trainable singular values)" in out
     assert "population 8 × 8 prompts per iteration (72 rows per generate call, the center's included)" in out
     assert "memory estimate" in out
 

@@ -142,3 +142,30 @@ def test_a_run_builds_its_space_along_the_recipes_directions_from_its_seed(tiny_
         assert torch.equal(m.b.U, e.b.U) and torch.equal(m.a.V, e.a.V)
     # Saved with the run, so a resume reads these directions back instead of drawing again.
     assert torch.equal(SVDSpace.load(tmp_path / "space.safetensors").modules[0].b.U, space.modules[0].b.U)
+
+
+def test_factor_space_moves_every_entry_of_a_and_b_from_the_initial_adapter(tmp_path):
+    model = TwoLayers()
+    args = dict(rank=3, alpha=6, target_modules=["q_proj", "v_proj"], adapter="", trainable_fraction=0.5)
+    values, factors = build_space(model, **args), build_space(model, **args, space="factors")
+    assert factors.dim == 3 * (12 + 10) + 3 * (12 + 6)  # trainable_fraction does not apply to entries
+    for (a0, b0), (a, b) in zip(values.lora_weights(torch.zeros(values.dim)).values(),
+                                factors.lora_weights(torch.zeros(factors.dim)).values()):
+        assert torch.equal(a0, a) and torch.equal(b0, b)  # the zero vector is the initial adapter
+    offsets = torch.randn(2, factors.dim, dtype=torch.float64)
+    (qa, qb), _ = factors.lora_factors(offsets)
+    assert qa.shape == (2, 3, 12) and qb.shape == (2, 10, 3)
+    assert torch.allclose(qa[1].double() - qa[0].double(), (offsets[1] - offsets[0])[:36].reshape(3, 12), atol=1e-6)
+    assert torch.allclose(qb[1].double() - qb[0].double(), (offsets[1] - offsets[0])[36:66].reshape(10, 3), atol=1e-6)
+    factors.save(tmp_path / "f.safetensors")
+    loaded = SVDSpace.load(tmp_path / "f.safetensors")
+    assert loaded.space == "factors" and loaded.dim == factors.dim
+    with pytest.raises(ValueError, match="no per-candidate singular values"):
+        factors.singular_values(offsets)
+    assert build_space(model, **args, factors="b", space="factors").dim == 3 * 10 + 3 * 6
+
+
+def test_unknown_space_is_refused():
+    with pytest.raises(EssaError, match="svd.space: 'rows' is not one of singular_values, factors"):
+        build_space(TwoLayers(), rank=2, alpha=2, target_modules=["q_proj"], adapter="", trainable_fraction=1.0,
+                    space="rows")

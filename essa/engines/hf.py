@@ -11,6 +11,14 @@ row's own low-rank term, computed from the frozen SVD factors and that row's sin
 which is x (B A)ᵀ for that row's candidate, without materializing A or B. The shared matmuls
 have width `rank` and the per-row part is an r × r core, so a population costs about as much as
 the same number of sequences of plain batched inference.
+
+When the search moves the LoRA factors themselves (`svd.space = "factors"`) there are no shared
+directions, so a chunk's candidates are stacked into one term of rank (candidates in the chunk) × r:
+
+    delta(x) = ((x [A_1; …; A_P]ᵀ) ⊙ mask[row]) [B_1 … B_P]ᵀ,   mask[row] = scaling on its candidate's block
+
+Two shared matmuls of width P·r (for the quickstart's 17 candidates, 68: about a quarter of a
+576-wide projection per adapted layer), and no per-row [in, r] matrices to gather at every step.
 """
 
 from __future__ import annotations
@@ -58,19 +66,56 @@ class _RowLoRA:
         return output.add_(h)  # summed in the term's precision, rounded once to the output's
 
 
+class _StackedLoRA:
+    """The low-rank term of one module when every candidate has its own factors: the chunk's candidates
+    stacked into one shared term, each row masked to its own candidate's block."""
+
+    def __init__(self, scaling: float, dtype: torch.dtype, device: torch.device) -> None:
+        self.scaling, self.dtype, self.device = scaling, dtype, device
+        self.a: Tensor | None = None     # [P·r, in]
+        self.b: Tensor | None = None     # [out, P·r]
+        self.masks: Tensor | None = None  # [rows of the batch, P·r]
+        self.mask: Tensor | None = None   # those of the rows in the next forward pass
+
+    def set_rows(self, a: Tensor, b: Tensor, members: Tensor) -> None:
+        """`a` [P, r, in] and `b` [P, out, r] of the chunk's candidates; row i uses candidate `members[i]`."""
+        n, rank = a.shape[:2]
+        self.a = a.reshape(n * rank, -1).to(self.device, self.dtype)
+        self.b = b.permute(1, 0, 2).reshape(b.shape[1], n * rank).to(self.device, self.dtype)
+        block = torch.arange(n * rank) // rank
+        self.masks = ((block[None, :] == members[:, None]) * self.scaling).to(self.device, self.dtype)
+        self.mask = self.masks
+
+    def use_rows(self, index: Tensor) -> None:
+        self.mask = self.masks[index]
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        x = args[0]
+        if self.mask is None or x.shape[0] != self.mask.shape[0]:
+            raise RuntimeError("population rows were not set for this batch")
+        h = F.linear(F.linear(x.to(self.dtype), self.a) * self.mask[:, None, :], self.b)
+        return output.add_(h)
+
+
 class PopulationLoRA:
     """Attach per-row LoRA terms for a whole population to a model's adapted layers."""
 
     def __init__(self, model: nn.Module, space: SVDSpace, dtype: torch.dtype) -> None:
         self.space = space
         device = next(model.parameters()).device
-        self.terms = [_RowLoRA(m, dtype, device) for m in space.modules]
+        self.terms = [_StackedLoRA(m.scaling, dtype, device) if space.space == "factors" else _RowLoRA(m, dtype, device)
+                      for m in space.modules]
         self.handles = [model.get_submodule(m.name).register_forward_hook(t)
                         for m, t in zip(space.modules, self.terms)]
         self.device, self.dtype = device, dtype
 
     def set_rows(self, candidates: Tensor, members: Tensor) -> None:
         """Row i uses candidate `members[i]` (candidates are offsets in the search space)."""
+        if self.space.space == "factors":
+            used, members = torch.unique(members, return_inverse=True)  # only the chunk's own candidates
+            for term, (a, b) in zip(self.terms, self.space.lora_factors(candidates[used])):
+                term.set_rows(a, b, members)
+            return
         for term, (s_a, s_b) in zip(self.terms, self.space.singular_values(candidates)):
             term.set_rows(s_a[members].to(self.device, self.dtype), s_b[members].to(self.device, self.dtype))
 

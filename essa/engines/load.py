@@ -24,7 +24,8 @@ def load_space(run_dir: Path, recipe: Recipe, model: Callable[[], PreTrainedMode
         return SVDSpace.load(path)
     lora = recipe.lora
     space = build_space(model(), lora.rank, lora.alpha, lora.target_modules, lora.adapter,
-                        recipe.svd.trainable_fraction, recipe.svd.factors, recipe.svd.directions, recipe.run.seed)
+                        recipe.svd.trainable_fraction, recipe.svd.factors, recipe.svd.directions, recipe.run.seed,
+                        recipe.svd.space)
     space.save(path)
     return space
 
