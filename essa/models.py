@@ -48,7 +48,7 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device, quantization: str = "none") -> torch.dtype:
     """"auto": bfloat16 on CUDA; on a CPU, bfloat16 for 4-bit models where the CPU multiplies bf16 natively
     (bitsandbytes already computes their matmuls in bf16 there, so float32 activations only add
-    conversions, a 4x slower output layer and a slow attention: docs/benchmarks.md), else float32."""
+    conversions, a 4x slower output layer and a slow attention: benchmarks/history/speed.md), else float32."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda":

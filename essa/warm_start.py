@@ -18,7 +18,7 @@ QLoRA for 4-bit models, loss on the completions only. Its loss is computed here 
 where the model's output layer is a plain projection: TRL's fused head scores the completion tokens
 alone only on Triton devices, and on a CPU projects every position of the batch (prompt and padding
 included) onto the vocabulary and adds entropy and top-1 statistics for its logs, which was 40% of
-a quickstart fine-tune step (22 s -> 13 s for 5 steps, same loss; docs/quality.md).
+a quickstart fine-tune step (22 s -> 13 s for 5 steps, same loss; benchmarks/history/quality.md).
 
 Everything lands in <run>/warm_start/:
 samples.jsonl (every sample with its reward and whether it was kept), sampled.json (what the samples

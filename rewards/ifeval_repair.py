@@ -1,7 +1,7 @@
 """Repairing a completion so that it follows IFEval's verifiable instructions, for the warm start.
 
 A 135M model's best of k samples is a poor teacher on IFEval: the samples that satisfy the checkers
-are often text that answers nothing (docs/quality.md, "The warm start on IFEval"). Most of the
+are often text that answers nothing (benchmarks/history/quality.md, "The warm start on IFEval"). Most of the
 instructions are formats that a rule can apply to an on-topic answer the model already wrote:
 lowercase, no commas, a title, a postscript, an ending phrase, N bullets or paragraphs, a word
 limit. `repair` applies them, one instruction after another in an order where later edits do not

@@ -252,7 +252,7 @@ def run(args: argparse.Namespace, model: str) -> list[dict]:
     rows: dict[Shape, list[dict]] = {shape: [] for shape in shapes}
     vllm_base: dict[Shape, dict[str, float]] = {shape: {} for shape in shapes}
     # Every HF row before vLLM is imported: in one process, torch work measured after vLLM's import ran
-    # 10-15% slower (IFEval shape, NF4 and bf16 each measured on both sides of it, docs/benchmarks.md).
+    # 10-15% slower (IFEval shape, NF4 and bf16 each measured on both sides of it, benchmarks/history/speed.md).
     for engine in ("hf", "vllm"):
         if engine not in engines and not (engine == "vllm" and args.vllm_baseline):
             continue

@@ -15,7 +15,7 @@ read once per step, or the matmul FLOPs, whichever is slower; the GPU figures ar
 driver's measured update time and per-chunk overhead, and the measured bytes per row over the
 driver's link. See docs/distributed.md.
 
-    python scripts/bench_scaling.py --out docs/bench_scaling.json
+    python scripts/bench_scaling.py --out benchmarks/history/bench_scaling.json
 """
 
 from __future__ import annotations

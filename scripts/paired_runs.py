@@ -1,7 +1,7 @@
 """Held-out results of two sets of `essa align` runs, seed by seed: the numerics-policy check.
 
 A reduced-precision speed-up of the engine is kept when the quickstart's held-out reward over at
-least 5 seeds is not worse with it than without it, paired by seed (docs/benchmarks.md, "Numerics
+least 5 seeds is not worse with it than without it, paired by seed (benchmarks/history/speed.md, "Numerics
 policy"). Each side is a directory of run directories named PREFIX-sSEED (each with its
 summary.json, as `essa align --out` writes); this prints and writes per seed the base model's,
 final and best held-out rewards (and the warm start's, where the run had one), the gain, wall
@@ -9,7 +9,7 @@ time and tokens/s of both sides, and the paired difference of the gains with its
 standard deviation.
 
     python scripts/paired_runs.py --runs runs/policy --a old --b new --seeds 0,1,2,3,4 \\
-        --json docs/engine_policy.json
+        --json benchmarks/history/engine_policy.json
 """
 
 from __future__ import annotations

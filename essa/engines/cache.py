@@ -4,7 +4,7 @@ transformers' `DynamicCache` concatenates every step's keys and values onto the 
 allocates a new tensor per step and copies the whole cache into it (at 128 rows × 200 positions in
 bf16, 0.25 ms per tensor, 15 ms per SmolLM2 decode step). On a CPU the freed blocks stay in glibc's
 heap, and the 541-prompt IFEval evaluation grew from 1.6 to 3.9 GB chunk after chunk
-(docs/benchmarks.md). Reserving the whole length once and handing attention a view of the filled
+(benchmarks/history/speed.md). Reserving the whole length once and handing attention a view of the filled
 part does not serve: a view whose rows are further apart than its length is not contiguous, and
 oneDNN's bf16 matmul then falls back to a kernel 6× slower (2.36 vs 0.37 ms for the same
 scores). `StaticCache` attends over all of its reserved length at every step. `BlockLayer` keeps

@@ -17,7 +17,7 @@ token prefix every prompt of a batch starts with (a chat template's system turn,
 of a short prompt) is prefilled once per group and each row prefills only the rest, and rows of
 one group with the same prompt are prefilled once. In float64 that is equal to `generate` (tested);
 in reduced precision it rounds differently (attention sums over other lengths), which the
-numerics policy of docs/benchmarks.md judges by results. Sampling (temperature > 0, for the warm
+numerics policy of benchmarks/history/speed.md judges by results. Sampling (temperature > 0, for the warm
 start's best-of-k samples) draws each active row's next token from softmax(logits / temperature)
 with the caller's generator, so a seed gives the same samples.
 """

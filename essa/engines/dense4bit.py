@@ -4,7 +4,7 @@ On CPUs with AVX512-BF16, bitsandbytes multiplies a 4-bit weight with a fused ke
 (`gemv_4bit`) that unpacks the weight again for every tile of rows. One oneDNN bf16 matmul over
 the layer's dequantized weight, reordered once into oneDNN's blocked layout, is 1.3-1.6x faster
 on SmolLM2-135M's layers at every row count, from one decode row to a 256-row prefill (2 cores,
-AMD EPYC, `scripts/bench_dense4bit.py`, docs/benchmarks.md). It is what torch's Inductor does
+AMD EPYC, `scripts/bench_dense4bit.py`, benchmarks/history/speed.md). It is what torch's Inductor does
 with frozen CPU linear weights (`mkldnn._reorder_linear_weight`, then `_linear_pointwise`), and
 it computes the NF4 function more exactly than the kernel, which rounds its block scales to bf16.
 
