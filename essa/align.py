@@ -23,10 +23,11 @@ from essa.evaluation import Evaluation, Evaluator, LocalEvaluator, Task
 from essa.files import write_text
 from essa.metrics import MetricsLog, peak_memory_mb, plot
 from essa.models import load_tokenizer, resolve_source
-from essa.preflight import CHECKPOINTS, METRICS_FILE, RECIPE_FILE, SPACE_FILE, Inputs, check_inputs, check_run_dir
+from essa.preflight import Inputs, check_inputs
 from essa.progress import ChunkSteps, Steps, phase
 from essa.recipe import Recipe, from_dict
 from essa.report import write_report
+from essa.run_dir import CHECKPOINTS, METRICS_FILE, PLOT_FILE, RECIPE_FILE, SPACE_FILE, SUMMARY_FILE, check_run_dir
 from essa.scoring import Scorer
 from essa.search_signal import population_signal, rank_correlation
 from essa.strategies import State, Strategy, make_strategy
@@ -132,14 +133,14 @@ def restore(root: Path, strategy: Strategy, console: Console) -> tuple[State, Be
 
 def summarize(run_dir: Path, recipe: Recipe, rows: list[dict], best: Best, baseline: float, iterations: int,
               seconds: float, warm: dict | None, console: Console) -> dict:
-    plot(rows, run_dir / "reward.png", f"essa align: {recipe.source}")
+    plot(rows, run_dir / PLOT_FILE, f"essa align: {recipe.source}")
     final = next((r["heldout_reward"] for r in reversed(rows) if r.get("heldout_reward") is not None), baseline)
     summary = {"baseline_heldout_reward": baseline, "final_heldout_reward": final,
                "best_heldout_reward": best.reward, "best_iteration": best.iteration, "iterations": iterations,
                "seconds_this_session": seconds, "peak_memory_mb": peak_memory_mb(), "run_dir": str(run_dir)}
     if warm:
         summary["warm_start"] = warm
-    write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     page = write_report(run_dir)
     table = Table(title="essa align: held-out reward of the center")
     columns = (["base model"] if warm else []) + ["initial", "final", "best", "best at iteration"]

@@ -113,7 +113,7 @@ def _align(args: argparse.Namespace) -> None:
 
     from essa import interrupts
     from essa.align import align
-    from essa.preflight import RECIPE_FILE
+    from essa.run_dir import RECIPE_FILE
 
     path = args.recipe or recipes.bundled("quickstart")
     run_dir = args.out or Path("runs") / path.stem

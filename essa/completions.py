@@ -2,8 +2,8 @@
 
 Each evaluation is one file, `completions/iter-NNNNNN.jsonl` in the run directory (iteration 0 is
 the initial adapter), so any two evaluations, such as the base and the best center, can be compared
-row by row. For IFEval-style rows (with `instruction_id_list`) each row also carries its strict and
-loose verdict per instruction.
+row by row. Rows that a task can judge one by one (IFEval's, with `instruction_id_list`) also carry
+what that task says of them (essa.rewards.task.Task.details: its strict and loose verdict per instruction).
 """
 
 from __future__ import annotations
@@ -14,25 +14,22 @@ from typing import Any
 
 from essa.evaluation import Evaluation, Task
 from essa.files import write_text
-from essa.score import ifeval_verdicts
+from essa.rewards import judging
+from essa.run_dir import COMPLETIONS
 from essa.scoring import Scorer
-
-COMPLETIONS = "completions"
 
 
 def heldout_rows(task: Task, evaluation: Evaluation, scorer: Scorer) -> list[dict[str, Any]]:
-    """One row per held-out prompt: prompt, completion, reward, and IFEval verdicts where they apply."""
+    """One row per held-out prompt: prompt, completion, reward, and a task's per-row details where they apply."""
     texts = evaluation.completions[0] if evaluation.completions else [""] * len(task.prompts)
     rows = [{"prompt": p, "completion": c, "reward": float(r)}
             for p, c, r in zip(task.prompts, texts, evaluation.scores[0])]
-    if "instruction_id_list" in task.columns and "kwargs" in task.columns:
-        checked = [{"prompt": p, "response": c, "instruction_id_list": i, "kwargs": k}
-                   for p, c, i, k in zip(task.prompts, texts, task.columns["instruction_id_list"],
-                                         task.columns["kwargs"])]
-        for row, ids, verdict in zip(rows, task.columns["instruction_id_list"], ifeval_verdicts(scorer, checked)):
-            row["instructions"] = ids
-            row["strict"] = verdict["follow_instruction_list_strict"]
-            row["loose"] = verdict["follow_instruction_list_loose"]
+    judge = judging(task.columns)
+    if judge and judge.details:
+        checked = [{"prompt": p, "response": c} | {k: task.columns[k][i] for k in judge.verdict_columns}
+                   for i, (p, c) in enumerate(zip(task.prompts, texts))]
+        for row, details in zip(rows, judge.details(scorer.rows, checked)):
+            row |= details
     return rows
 
 

@@ -14,14 +14,10 @@ from transformers import PreTrainedTokenizerBase
 
 from essa.errors import EssaError
 from essa.recipe import DataSection
-from rewards import countdown, format_instructions, ifeval
+from essa.rewards import GENERATORS, TASKS
 
-# Hub datasets whose files ../shared/data (or $ESSA_DATA_DIR) may hold: (id, split) -> file.
-LOCAL_COPIES = {
-    ("openai/gsm8k", "train"): "gsm8k/train.jsonl",
-    ("openai/gsm8k", "test"): "gsm8k/test.jsonl",
-    ("google/IFEval", "train"): "ifeval/input_data.jsonl",
-}
+# Hub datasets whose files ../shared/data (or $ESSA_DATA_DIR) may hold, as the tasks name them.
+LOCAL_COPIES = {key: file for task in TASKS.values() for key, file in task.local_copies.items()}
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -128,42 +124,28 @@ def read_rows(cfg: DataSection, split: str) -> list[dict[str, Any]]:
     return rows
 
 
-def format_instruction_splits(cfg: DataSection, seed: int) -> tuple[list[dict], list[dict]]:
-    topics = format_instructions.TOPICS
-    # Held-out prompts use topics never seen in training, so a gain is not memorization.
-    heldout_topics, train_topics = topics[::4], [t for i, t in enumerate(topics) if i % 4]
-    return (format_instructions.generate_examples(cfg.train_size, seed, train_topics),
-            format_instructions.generate_examples(cfg.heldout_size, seed + 1, heldout_topics))
-
-
-def countdown_splits(cfg: DataSection, seed: int) -> tuple[list[dict], list[dict]]:
-    rows = countdown.generate_examples(cfg.train_size + cfg.heldout_size, seed)
-    return rows[cfg.heldout_size:], rows[: cfg.heldout_size]
-
-
-def ifeval_splits(cfg: DataSection, seed: int) -> tuple[list[dict], list[dict]]:
-    rows = ifeval.generate_examples(cfg.train_size + cfg.heldout_size, seed)
-    return rows[cfg.heldout_size:], rows[: cfg.heldout_size]
-
-
-GENERATORS = {"format-instructions": format_instruction_splits, "countdown": countdown_splits,
-              "ifeval-generated": ifeval_splits}
+def own_rows(cfg: DataSection, seed: int) -> Dataset:
+    """Every row of a file or hub source for training, when the held-out prompts come from elsewhere."""
+    rows = read_rows(cfg, cfg.split)
+    random.Random(seed).shuffle(rows)
+    return Dataset(rows[: cfg.train_size], cfg.prompt_field)
 
 
 def load_splits(cfg: DataSection, seed: int) -> tuple[Dataset, Dataset]:
     """(train, held-out), deterministic in the seed. Held-out prompts never appear in training."""
     if cfg.heldout_source:
         # e.g. train on generated IFEval-style prompts, evaluate on the real IFEval prompts
-        train, _ = load_splits(replace(cfg, heldout_source=""), seed)
+        train = own_rows(cfg, seed) if cfg.source not in GENERATORS else load_splits(replace(cfg, heldout_source=""),
+                                                                                       seed)[0]
         other = replace(cfg, source=cfg.heldout_source, heldout_source="", train_size=0)
         if other.source in GENERATORS:
-            heldout = GENERATORS[other.source](other, seed)[1]
+            heldout = GENERATORS[other.source].splits(other, seed)[1]
         else:
             heldout = read_rows(other, cfg.heldout_split or "train")
             random.Random(seed + 1).shuffle(heldout)
         return train, Dataset(heldout[: cfg.heldout_size], cfg.prompt_field)
     if cfg.source in GENERATORS:
-        train, heldout = GENERATORS[cfg.source](cfg, seed)
+        train, heldout = GENERATORS[cfg.source].splits(cfg, seed)
         return Dataset(train, "prompt"), Dataset(heldout, "prompt")
     rows = read_rows(cfg, cfg.split)
     random.Random(seed).shuffle(rows)

@@ -41,9 +41,10 @@ from essa.engines.load import load_engine
 from essa.engines.rows import Chunking, OnChunk, OnRows, Rows, chunk_rows
 from essa.errors import EssaError
 from essa.evaluation import ChunkResult, Evaluation, Task, assemble, evaluate_chunk
-from essa.preflight import SPACE_FILE
 from essa.progress import quiet_third_party
 from essa.recipe import Recipe, from_dict
+from essa.reward_process import PICKLED
+from essa.run_dir import SPACE_FILE
 from essa.scoring import Scorer
 from essa.scratch import make_scratch, sweep
 from essa.svd import SVDSpace
@@ -58,12 +59,20 @@ def distributed(recipe: Recipe) -> bool:
     return recipe.distributed.workers > 1 or bool(recipe.distributed.address)
 
 
+def reward_file(spec: str) -> tuple[str, str]:
+    """(file, what follows it) of a reward that lives in a file: `path.py:function` or `path.pkl`."""
+    if spec.endswith(PICKLED):
+        return spec, ""
+    path, _, function = spec.rpartition(":")
+    return (path, f":{function}") if path.endswith(".py") else ("", "")
+
+
 def reward_files(names: str | list[str]) -> dict[str, tuple[str, bytes]]:
-    """The source of every `path/to/file.py:function` reward, to recreate on the workers."""
+    """The bytes of every reward that lives in a file (source or pickle), to recreate on the workers."""
     files = {}
     for spec in [names] if isinstance(names, str) else names:
-        path, _, function = spec.rpartition(":")
-        if path.endswith(".py"):
+        path, _ = reward_file(spec)
+        if path:
             files[spec] = (f"reward_{len(files)}_{Path(path).name}", Path(path).expanduser().read_bytes())
     return files
 
@@ -73,7 +82,7 @@ def with_local_rewards(raw: dict, files: dict[str, tuple[str, bytes]], directory
     local = {}
     for spec, (name, source) in files.items():
         (directory / name).write_bytes(source)
-        local[spec] = f"{directory / name}:{spec.rpartition(':')[2]}"
+        local[spec] = f"{directory / name}{reward_file(spec)[1]}"
     reward = dict(raw.get("reward", {}))
     names = reward.get("name")
     if names is not None:

@@ -24,8 +24,8 @@ from essa.models import load_model
 from essa.preflight import check_model, load_data
 from essa.progress import ChunkSteps, phase
 from essa.recipe import Recipe
-from essa.score import ifeval_metrics, ifeval_verdicts
-from essa.scoring import Scorer, as_score
+from essa.rewards import task_named
+from essa.scoring import Scorer
 from essa.svd import SVDSpace, build_space
 
 
@@ -34,17 +34,10 @@ def metrics_for(recipe: Recipe, rows: list[dict], completions: list[str], scorer
     prompts = [r[recipe.data.prompt_field] for r in rows]
     scores, failures = scorer(prompts, completions, columns)
     metrics = {"reward_mean": float(scores.mean()), "reward_failures": failures}
-    if recipe.reward.name == "gsm8k" and "answer" in columns:
-        # lm-eval reports GSM8K under both of its filters; so does essa eval.
-        for mode in ("strict", "flexible"):
-            correct = scorer.rows("gsm8k", prompts, completions, columns, {"mode": mode})
-            metrics[f"accuracy_{mode}"] = float(np.mean([as_score(c) or 0.0 for c in correct]))
-    elif recipe.reward.name == "math":
-        metrics["accuracy"] = metrics["reward_mean"]
-    elif recipe.reward.name == "ifeval":
-        verdicts = ifeval_verdicts(scorer, [{"prompt": p, **r, "response": c}
-                                            for p, c, r in zip(prompts, completions, rows)])
-        metrics |= ifeval_metrics([r | v for r, v in zip(rows, verdicts)])
+    task = task_named(recipe.reward.name)
+    if task and task.metrics:  # the task's own metrics beside the reward (GSM8K's filters, IFEval's accuracies)
+        responses = [{**r, "prompt": p, "response": c} for p, c, r in zip(prompts, completions, rows)]
+        metrics |= task.metrics(scorer.rows, responses, [float(x) for x in scores])
     return metrics
 
 

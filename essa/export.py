@@ -14,8 +14,8 @@ from essa.adapter_files import write_peft_adapter
 from essa.errors import EssaError
 from essa.files import disk_error, write_errors
 from essa.models import load_model, resolve_source
-from essa.preflight import CHECKPOINTS, RECIPE_FILE, SPACE_FILE
 from essa.recipe import Recipe, from_dict, read_saved
+from essa.run_dir import CHECKPOINTS, RECIPE_FILE, SPACE_FILE
 from essa.svd import SVDSpace, find_targets
 
 Which = Literal["best", "final"]

@@ -24,9 +24,6 @@ EXTRAS = {
     "wandb": ("wandb", "wandb"),
     "mlflow": ("mlflow", "MLflow"),
 }
-# Built-in rewards and prompt generators that need an extra (rewards/ifeval.py uses lm-eval's checkers).
-REWARD_EXTRAS = {"ifeval": "ifeval"}
-GENERATOR_EXTRAS = {"ifeval-generated": "ifeval"}
 
 
 def installed(extra: str) -> bool:
@@ -59,13 +56,18 @@ def reward_names(names: str | list[str]) -> list[str]:
 
 def input_needs(recipe: Recipe) -> list[tuple[str, str]]:
     """Each (extra, what needs it) of the recipe's data and reward: what `essa eval` reads too."""
+    from essa.rewards import GENERATORS
+
     sources = (("data.source", recipe.data.source), ("data.heldout_source", recipe.data.heldout_source))
-    return ([(GENERATOR_EXTRAS[s], f"{key} = {s!r}") for key, s in sources if s in GENERATOR_EXTRAS]
+    return ([(GENERATORS[s].extra, f"{key} = {s!r}") for key, s in sources if s in GENERATORS and GENERATORS[s].extra]
             + reward_needs(recipe.reward.name))
 
 
 def reward_needs(names: str | list[str]) -> list[tuple[str, str]]:
-    return [(REWARD_EXTRAS[n], f"reward {n!r}") for n in reward_names(names) if n in REWARD_EXTRAS]
+    """Each (extra, reward) of the built-in tasks named that need one (their modules import it lazily)."""
+    from essa.rewards import TASKS
+
+    return [(TASKS[n].extra, f"reward {n!r}") for n in reward_names(names) if n in TASKS and TASKS[n].extra]
 
 
 def run_needs(recipe: Recipe) -> list[tuple[str, str]]:

@@ -13,20 +13,15 @@ from pathlib import Path
 
 from torch import nn
 
-from essa import checkpoint, extras
+from essa import extras
 from essa.adapter_files import read_peft_adapter
 from essa.data import Dataset, load_splits
 from essa.engines.vllm import check_supported
 from essa.errors import EssaError, RecipeError
-from essa.files import check_writable_dir
-from essa.metrics import MetricsLog
 from essa.models import meta_model, read_config, resolve_device
 from essa.recipe import Recipe
 from essa.scoring import Scorer
-from essa.svd import SVDSpace, find_targets
-
-SPACE_FILE, RECIPE_FILE, METRICS_FILE, CHECKPOINTS = "space.safetensors", "recipe.json", "metrics.jsonl", "checkpoints"
-WARM_START_SUMMARY = "warm_start/summary.json"  # written last by essa/warm_start.py; the report reads it
+from essa.svd import find_targets
 
 
 @dataclass
@@ -122,21 +117,3 @@ def check_repair(recipe: Recipe, scorer: Scorer, columns: list[str] | None) -> N
     """`warm_start.repair` imported in the reward's child, which runs it, with the columns it needs."""
     if recipe.warm_start.repair:
         scorer.process.check(recipe.warm_start.repair, {}, columns, field="warm_start.repair")
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """A run directory essa can write, and on --resume, the files it will read back intact."""
-    check_writable_dir(run_dir, "--out")
-    root = run_dir / CHECKPOINTS
-    has_checkpoints = root.is_dir() and any(root.glob("iter-*"))
-    if not resume:
-        if has_checkpoints:
-            raise EssaError(f"--out: {run_dir} already holds a run; pass --resume to continue it or choose "
-                            "another --out")
-        return
-    if (run_dir / SPACE_FILE).exists():
-        SVDSpace.load(run_dir / SPACE_FILE)
-    MetricsLog(run_dir / METRICS_FILE).read()
-    if has_checkpoints and checkpoint.latest(root)[0] is None:
-        raise EssaError(f"--resume: every checkpoint in {root} is damaged; nothing to continue from. Move "
-                        f"{root} aside to start this run again from iteration 0, or start a new run with another --out")

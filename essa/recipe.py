@@ -318,17 +318,28 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
     """Apply `section.key=value` overrides to a raw recipe dict (before validation)."""
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    values = {}
     for item in overrides:
         key, sep, value = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
+        if not sep:
             raise RecipeError(source, item, "--set expects section.key=value, e.g. run.iterations=2")
+        values[key.strip()] = _parse_value(value.strip())
+    return with_values(raw, values, source, "--set expects section.key=value, e.g. run.iterations=2")
+
+
+def with_values(raw: dict[str, Any], values: dict[str, Any], source: str,
+                usage: str = "expected a key of the form section.key, e.g. run.iterations") -> dict[str, Any]:
+    """A copy of a raw recipe dict with `{"section.key": value}` set (before validation)."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, value in values.items():
+        parts = key.split(".")
+        if len(parts) != 2 or not all(parts):
+            raise RecipeError(source, key, usage)
         section, name = parts
         merged.setdefault(section, {})
         if not isinstance(merged[section], dict):
             raise RecipeError(source, section, "expected a table of keys")
-        merged[section][name] = _parse_value(value.strip())
+        merged[section][name] = value
     return merged
 
 

@@ -21,9 +21,8 @@ from essa import checkpoint, completions
 from essa.errors import EssaError
 from essa.files import write_text
 from essa.metrics import MetricsLog
-from essa.preflight import CHECKPOINTS, METRICS_FILE, RECIPE_FILE, WARM_START_SUMMARY
+from essa.run_dir import CHECKPOINTS, METRICS_FILE, RECIPE_FILE, REPORT_FILE, WARM_START_SUMMARY
 
-REPORT_FILE = "report.html"
 CHARTS = {
     "reward": ["reward_mean", "reward_max", "heldout_reward"],
     "seconds per phase": ["seconds_generate", "seconds_score", "seconds_update", "seconds_eval"],

@@ -29,24 +29,31 @@ from typing import Any
 
 from essa.errors import EssaError
 
+PICKLED = ".pkl"
+
 
 class RewardFailure(Exception):
     """One reward call failed: it raised, returned the wrong shape, timed out or crashed its process."""
 
 
 def builtin_names() -> list[str]:
-    from rewards import REGISTRY
+    from essa.rewards import REGISTRY
 
     return sorted(REGISTRY)
 
 
 def load_function(spec: str) -> Any:
-    """A built-in reward, `package.module:function`, `path/to/file.py:function`; a helper such as
-    `rewards.ifeval:instruction_verdicts` is named the same way. Runs in the child."""
-    from rewards import REGISTRY
+    """A built-in reward, `package.module:function`, `path/to/file.py:function` or a callable pickled
+    to `path/to/file.pkl` (essa.align's reward_funcs); a helper such as
+    `essa.rewards.ifeval:instruction_verdicts` is named the same way. Runs in the child."""
+    from essa.rewards import REGISTRY
 
     if spec in REGISTRY:
         return REGISTRY[spec]
+    if spec.endswith(PICKLED):
+        import cloudpickle
+
+        return cloudpickle.loads(Path(spec).expanduser().read_bytes())
     module_name, _, function = spec.rpartition(":")
     if module_name.endswith(".py"):
         path = Path(module_name).expanduser()
@@ -54,16 +61,32 @@ def load_function(spec: str) -> Any:
         module = importlib.util.module_from_spec(loader_spec)
         loader_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(module_name)
+        module = import_module(module_name)
     fn = getattr(module, function, None)
     if not callable(fn):
         raise LookupError(f"{module_name!r} has no function {function!r}")
     return fn
 
 
+def import_module(name: str) -> Any:
+    """A module by name. Run directories saved before essa's task package moved inside essa (it was a
+    top-level `rewards`, 2026-12-06) name `rewards.MODULE`: where no such package exists, those resolve
+    to `essa.rewards.MODULE`, so they still resume."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != "rewards" or not name.startswith("rewards."):
+            raise
+        return importlib.import_module(f"essa.{name}")
+
+
 def check_spec(spec: str, field: str = "reward.name") -> None:
     """What can be said of a reward name without running its code (the child imports it)."""
     if spec in builtin_names():
+        return
+    if spec.endswith(PICKLED):
+        if not Path(spec).expanduser().is_file():
+            raise EssaError(f"{field}: pickled reward {spec!r} not found")
         return
     module_name, sep, function = spec.rpartition(":")
     if not sep or not module_name or not function:
@@ -73,12 +96,25 @@ def check_spec(spec: str, field: str = "reward.name") -> None:
         raise EssaError(f"{field}: file {module_name!r} not found")
 
 
+def by_name(fn: Any) -> bool:
+    """TRL calls a reward by keyword (`f(completions, **kwargs)` is a valid TRL reward); a function that
+    names a `completions` parameter gets prompts and completions by name, any other positionally."""
+    return "completions" in inspect.signature(fn).parameters
+
+
+def call(fn: Any, prompts: list[str], completions: list[str], columns: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    if by_name(fn):
+        return fn(prompts=prompts, completions=completions, **columns, **kwargs)
+    return fn(prompts, completions, **columns, **kwargs)
+
+
 def signature_problem(spec: str, fn: Any, kwargs: dict[str, Any], columns: list[str] | None) -> str | None:
-    """What stops `fn(prompts, completions, **columns, **kwargs)` before it runs: an option it does not
-    take (a built-in takes every option by name; its `**_` only absorbs dataset columns), or a
-    required argument that neither a dataset column (when known) nor an option provides."""
+    """What stops the call of `fn` with prompts, completions, **columns and **kwargs before it runs: an
+    option it does not take (a built-in takes every option by name; its `**_` only absorbs dataset
+    columns), or a required argument that neither a dataset column (when known) nor an option provides."""
     params = inspect.signature(fn).parameters
-    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][2:]
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = [n for n in named if n not in ("prompts", "completions")] if by_name(fn) else named[2:]
     catch_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key in kwargs:
         if key not in named and (spec in builtin_names() or not catch_all):
@@ -123,7 +159,7 @@ def _serve(requests: Connection, replies: Connection, memory_bytes: int) -> None
                 reply: Any = signature_problem(spec, fn, *payload)
             else:
                 prompts, completions, columns, kwargs = payload
-                reply = list(fn(prompts, completions, **columns, **kwargs))
+                reply = list(call(fn, prompts, completions, columns, kwargs))
             replies.send(("ok", reply))
         except BaseException as err:  # noqa: BLE001 - SystemExit and friends from user code are data too
             message = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from essa.files import write_text
+from essa.run_dir import TENSORBOARD, TRACKERS_FILE
 
-STATE_FILE = "trackers.json"
 SAMPLE_ROWS = 8  # completions per table: enough to read, small enough for every tracker's UI
 
 
@@ -48,11 +48,11 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops the steps a killed run logged after its last checkpoint.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"),
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD),
                                     purge_step=None if resume_after is None else resume_after + 1)
         if resume_after is None:
             self.writer.add_text("recipe", "```\n" + json.dumps(raw, indent=1) + "\n```", 0)
-        state["tensorboard"] = str(run_dir / "tensorboard")
+        state["tensorboard"] = str(run_dir / TENSORBOARD)
 
     def log(self, row: dict[str, Any], completions: list[dict[str, Any]] | None) -> None:
         step = row["iteration"]
@@ -126,7 +126,7 @@ class Trackers:
     """Every tracker the recipe names, fed the same rows."""
 
     def __init__(self, report_to: str | list[str], run_dir: Path, raw: dict, resume_after: int | None) -> None:
-        path = run_dir / STATE_FILE
+        path = run_dir / TRACKERS_FILE
         state = json.loads(path.read_text()) if resume_after is not None and path.is_file() else {}
         self.trackers: list[Tracker] = []
         try:

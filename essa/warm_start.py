@@ -9,7 +9,7 @@ the search then evolves, as the ESSA paper starts from an SFT adapter rather tha
   reward, the best of each prompt kept when it scores above `min_reward` (rejection sampling);
   with `finished_only`, the best of those that ended before the token limit; with `repair`, each
   sample also as a task's own rule edits it to follow what the reward checks (IFEval's formats:
-  `rewards.ifeval_repair:repair`), scored like the others.
+  `essa.rewards.ifeval_repair:repair`), scored like the others.
   The samples come from essa's own engine, the base model evaluated as a population of identical
   candidates with an empty search space, because it is the fastest generator this process has.
 
@@ -51,14 +51,13 @@ from essa.evaluation import LocalEvaluator, Task
 from essa.files import remove_tree, write_text
 from essa.metrics import peak_memory_mb
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_source
-from essa.preflight import WARM_START_SUMMARY
 from essa.progress import ChunkSteps, phase
 from essa.recipe import Recipe, to_dict
 from essa.reward_process import RewardFailure
+from essa.run_dir import SAMPLED, SAMPLES, WARM_ADAPTER, WARM_START_SUMMARY
 from essa.scoring import Scorer
 from essa.svd import SVDSpace, build_space
 
-ADAPTER, SAMPLES, SAMPLED = "adapter", "samples.jsonl", "sampled.json"
 FINE_TUNE = ("epochs", "learning_rate", "batch_size", "max_length", "rounds")  # settings the samples do not depend on
 BASE = SVDSpace([], 1.0)  # no adapted modules: every candidate is the base model
 
@@ -308,7 +307,7 @@ def run(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scorer, run_di
     """The warm start's adapter directory and summary, made now or, on a resume, before."""
     done = run_dir / WARM_START_SUMMARY
     root = done.parent
-    adapter = root / ADAPTER
+    adapter = root / WARM_ADAPTER
     if resume and done.is_file():
         console.print(f"warm start: done before, using {adapter}")
         return adapter, json.loads(done.read_text())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from essa.rewards.task import Task
+
 
 def _normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
@@ -24,3 +26,6 @@ def score(completion: str, reference: str) -> float:
 
 def reward(prompts: list[str], completions: list[str], answer: list[Any], **_: Any) -> list[float]:
     return [score(c, str(a)) for c, a in zip(completions, answer)]
+
+
+TASK = Task("conciseness", reward)

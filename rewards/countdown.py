@@ -15,6 +15,8 @@ import re
 from fractions import Fraction
 from typing import Any
 
+from essa.rewards.task import Task
+
 MAX_CHARS = 200  # longer "expressions" are not Countdown answers and are not parsed
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -97,3 +99,12 @@ def generate_examples(n: int, seed: int, count: int = 4, low: int = 1, high: int
                   "the final equation in <answer> </answer> tags, for example <answer>(1 + 2) / 3</answer>.")
         examples.append({"prompt": prompt, "numbers": numbers, "target": int(value)})
     return examples
+
+
+def splits(cfg: Any, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The `countdown` source: generated puzzles, the first `heldout_size` held out."""
+    rows = generate_examples(cfg.train_size + cfg.heldout_size, seed)
+    return rows[cfg.heldout_size:], rows[: cfg.heldout_size]
+
+
+TASK = Task("countdown", reward, generator="countdown", splits=splits)

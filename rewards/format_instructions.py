@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rewards.ifeval_repair import end_phrase, finished, quoted, word_limit
+from essa.rewards.ifeval_repair import end_phrase, finished, quoted, word_limit
+from essa.rewards.task import Task
 
 END_PHRASES = ["is there anything else i can help with?", "that is all.", "hope this helps!", "thank you for reading."]
 QUOTE = '"'
@@ -83,7 +84,7 @@ def reward(prompts: list[str], completions: list[str], instructions: list[list[d
 
 
 def repair_one(text: str, instructions: list[dict[str, Any]]) -> str:
-    """`text` edited to follow `instructions` (the warm start's `repair`, as rewards.ifeval_repair does for
+    """`text` edited to follow `instructions` (the warm start's `repair`, as essa.rewards.ifeval_repair does for
     IFEval): the word limit first, leaving room for an ending phrase, then the phrase, the case and the
     commas, and the quotes last. With both quotes and an ending phrase the phrase sits inside the quotes:
     the two checkers cannot both be met, and this way each gives at least half."""
@@ -107,7 +108,7 @@ def repair(prompts: list[str], completions: list[str], instructions: list[list[d
     return [repair_one(text, inst) for text, inst in zip(completions, instructions)]
 
 
-TASKS = [
+QUESTIONS = [
     "Write a short paragraph about {topic}.",
     "Describe {topic} to a ten-year-old.",
     "Give one piece of advice about {topic}.",
@@ -135,7 +136,18 @@ def generate_examples(n: int, seed: int, topics: list[str]) -> list[dict[str, An
     for _ in range(n):
         ids = rng.sample(sorted(INSTRUCTIONS), k=rng.choice([1, 2]))
         chosen = [{"id": i, "kwargs": INSTRUCTIONS[i].sample(rng)} for i in ids]
-        task = rng.choice(TASKS).format(topic=rng.choice(topics))
+        task = rng.choice(QUESTIONS).format(topic=rng.choice(topics))
         text = " ".join([task] + [INSTRUCTIONS[c["id"]].describe(c["kwargs"]) for c in chosen])
         examples.append({"prompt": text, "instructions": chosen})
     return examples
+
+
+def splits(cfg: Any, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The `format-instructions` source. Held-out prompts use topics never seen in training, so a gain
+    is not memorization."""
+    heldout_topics, train_topics = TOPICS[::4], [t for i, t in enumerate(TOPICS) if i % 4]
+    return (generate_examples(cfg.train_size, seed, train_topics),
+            generate_examples(cfg.heldout_size, seed + 1, heldout_topics))
+
+
+TASK = Task("format-instructions", reward, generator="format-instructions", splits=splits)

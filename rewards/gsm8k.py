@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from essa.rewards.task import Task
+
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 MODES = ("strict", "flexible")
@@ -74,3 +76,18 @@ def reward(prompts: list[str], completions: list[str], answer: list[Any], mode: 
         got = extract(text, mode)
         scores.append(float(got is not None and same_number(got, str(reference))))
     return scores
+
+
+def eval_metrics(score_rows: Any, rows: list[dict[str, Any]], scores: list[float]) -> dict[str, float]:
+    """lm-eval reports GSM8K under both of its filters; so does essa eval (rows with an `answer`)."""
+    if not rows or "answer" not in rows[0]:
+        return {}
+    prompts, completions = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    columns = {"answer": [r["answer"] for r in rows]}
+    return {f"accuracy_{mode}": sum(float(c or 0.0) for c in score_rows("gsm8k", prompts, completions, columns,
+                                                                         {"mode": mode})) / len(rows)
+            for mode in ("strict", "flexible")}
+
+
+TASK = Task("gsm8k", reward, metrics=eval_metrics,
+            local_copies={("openai/gsm8k", "train"): "gsm8k/train.jsonl", ("openai/gsm8k", "test"): "gsm8k/test.jsonl"})

@@ -18,6 +18,8 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+from essa.rewards.task import Task
+
 PUNKT_CHECKERS = {"length_constraints:number_sentences", "change_case:capital_word_frequency"}
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]*[A-Z0-9])")
 
@@ -146,7 +148,7 @@ def generate_examples(n: int, seed: int) -> list[dict[str, Any]]:
     """IFEval-style training prompts: a task on one of essa's topics plus one to three
     non-conflicting instructions, phrased and parameterized by lm-eval's checkers themselves,
     with `instruction_id_list` and `kwargs` columns the `ifeval` reward accepts."""
-    from rewards.format_instructions import TASKS, TOPICS
+    from essa.rewards.format_instructions import QUESTIONS, TOPICS
 
     registry, _ = _lm_eval()
     pool = sorted(set(registry.INSTRUCTION_DICT) - {"combination:repeat_prompt"})  # needs the prompt itself
@@ -162,7 +164,82 @@ def generate_examples(n: int, seed: int) -> list[dict[str, Any]]:
                        i in registry.INSTRUCTION_CONFLICTS.get(candidate, ()) for i in ids):
                 ids.append(candidate)
         described = [_seeded_description(registry.INSTRUCTION_DICT[i](i), rng.randrange(2**32)) for i in ids]
-        task = rng.choice(TASKS).format(topic=rng.choice(TOPICS))
+        task = rng.choice(QUESTIONS).format(topic=rng.choice(TOPICS))
         examples.append({"prompt": " ".join([task] + [text for text, _ in described]),
                          "instruction_id_list": ids, "kwargs": [kwargs for _, kwargs in described]})
     return examples
+
+
+VERDICTS = "essa.rewards.ifeval:instruction_verdicts"
+STRICT, LOOSE = "follow_instruction_list_strict", "follow_instruction_list_loose"
+
+
+def splits(cfg: Any, seed: int) -> tuple[list[dict], list[dict]]:
+    """The `ifeval-generated` source: generated prompts, the first `heldout_size` held out."""
+    rows = generate_examples(cfg.train_size + cfg.heldout_size, seed)
+    return rows[cfg.heldout_size:], rows[: cfg.heldout_size]
+
+
+def row_verdicts(score_rows: Any, rows: list[dict[str, Any]]) -> list[dict[str, list[bool]]]:
+    """Strict and loose verdicts per row (`prompt`, `response`, `instruction_id_list`, `kwargs`), computed
+    in the reward process; a row whose check fails counts as following none of its instructions."""
+    columns = {k: [r[k] for r in rows] for k in ("instruction_id_list", "kwargs")}
+    values = score_rows(VERDICTS, [r["prompt"] for r in rows], [r["response"] for r in rows], columns, {})
+    out = []
+    for row, value in zip(rows, values):
+        valid = isinstance(value, dict) and all(isinstance(value.get(k), list) for k in (STRICT, LOOSE))
+        none = [False] * len(row["instruction_id_list"])
+        out.append(value if valid else {STRICT: none, LOOSE: none})
+    return out
+
+
+def accuracies(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """IFEval's four accuracies (prompt level: all followed; instruction level; strict and loose),
+    then the strict accuracy of each instruction type (`strict <type>`), so a user sees what moved.
+    Rows hold `instruction_id_list` and the verdict lists."""
+    metrics = {}
+    for mode, key in (("strict", STRICT), ("loose", LOOSE)):
+        lists = [r[key] for r in rows]
+        metrics[f"prompt_level_{mode}"] = sum(all(v) for v in lists) / len(lists)
+        metrics[f"instruction_level_{mode}"] = sum(map(sum, lists)) / max(1, sum(map(len, lists)))
+    by_type: dict[str, list[bool]] = {}
+    for r in rows:
+        for kind, followed in zip(r["instruction_id_list"], r[STRICT]):
+            by_type.setdefault(kind, []).append(followed)
+    return metrics | {f"strict {kind}": sum(v) / len(v) for kind, v in sorted(by_type.items())}
+
+
+def eval_metrics(score_rows: Any, rows: list[dict[str, Any]], scores: list[float]) -> dict[str, float]:
+    return accuracies([r | v for r, v in zip(rows, row_verdicts(score_rows, rows))])
+
+
+def with_instructions(rows: list[dict[str, Any]], source: str, read_hub: Any) -> list[dict[str, Any]]:
+    """`essa score`'s rows: those without `instruction_id_list`/`kwargs` take them from the IFEval prompt
+    with the same text (`read_hub(id, config, split)`; rows whose prompt is not one keep none: reported,
+    not scored); then checked."""
+    if not all("instruction_id_list" in r and "kwargs" in r for r in rows):
+        by_prompt = {r["prompt"]: r for r in read_hub("google/IFEval", "", "train")}
+        rows = [dict(row, instruction_id_list=by_prompt[row["prompt"]]["instruction_id_list"],
+                     kwargs=by_prompt[row["prompt"]]["kwargs"])
+                if "instruction_id_list" not in row and row["prompt"] in by_prompt else row for row in rows]
+    for n, row in enumerate(rows, 1):
+        ids, kwargs = row.get("instruction_id_list"), row.get("kwargs")
+        if "instruction_id_list" in row and not (
+                isinstance(ids, list) and isinstance(kwargs, list) and len(ids) == len(kwargs) and ids
+                and all(isinstance(i, str) for i in ids) and all(k is None or isinstance(k, dict) for k in kwargs)):
+            raise ValueError(f"row {n} of {source}: 'instruction_id_list' must be a non-empty list of "
+                             "strings and 'kwargs' a list of objects (or null) of the same length")
+    return rows
+
+
+def heldout_details(score_rows: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What each held-out row of a run carries beside its reward: its instructions and verdicts."""
+    return [{"instructions": r["instruction_id_list"], "strict": v[STRICT], "loose": v[LOOSE]}
+            for r, v in zip(rows, row_verdicts(score_rows, rows))]
+
+
+TASK = Task("ifeval", reward, generator="ifeval-generated", splits=splits, extra="ifeval", metrics=eval_metrics,
+            verdicts=row_verdicts, verdict_columns=("instruction_id_list", "kwargs"), prepare=with_instructions,
+            scorable=lambda row: "instruction_id_list" in row,
+            skipped="not an IFEval prompt: no instructions to check", details=heldout_details,
+            local_copies={("google/IFEval", "train"): "ifeval/input_data.jsonl"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from essa.rewards.task import Task
 from math_verify import parse, verify
 
 TIMEOUT_S = 5  # math-verify's default, per parse and per verify
@@ -26,3 +27,6 @@ def reward(prompts: list[str], completions: list[str], answer: list[Any], **_: A
         predicted = parse(completion, parsing_timeout=timeout)
         scores.append(float(bool(gold) and bool(predicted) and verify(gold, predicted, timeout_seconds=timeout)))
     return scores
+
+
+TASK = Task("math", reward, metrics=lambda score_rows, rows, scores: {"accuracy": sum(scores) / len(scores)})

@@ -11,7 +11,8 @@ is loaded, the work's peak RSS and what it adds to the loaded model, the process
 GPU the same for `torch.cuda.max_memory_allocated`. And where each peak comes from: the peak RSS
 of each phase (loading, SVD, generation, GRPO's log-probabilities and backward), sampled every 20 ms.
 
-    python scripts/bench_memory.py [--recipe recipes/format-instructions.toml] [--set KEY=VALUE ...] [--quick] [--json out.json]
+    python scripts/bench_memory.py [--recipe recipes/format-instructions.toml] [--set KEY=VALUE ...] [--quick]
+        [--json out.json]
         [--plot out.png]
 """
 

@@ -50,7 +50,7 @@ from essa import extras
 from essa.data import load_splits, render
 from essa.engines import HFEngine
 from essa.engines.dense4bit import Dense4bit, wraps
-from essa.engines.hf import _RowLoRA, count_generated, stop_token_ids
+from essa.engines.hf import count_generated, stop_token_ids
 from essa.errors import EssaError
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import DataSection, GenerationSection, ModelSection
@@ -137,10 +137,10 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, sh
     rows = [p for _ in range(shape.population) for p in prompts]
     batch = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
 
-    def engine(dense_4bit: bool = True) -> HFEngine:
+    def engine(dense_4bit: bool = True, time_terms: bool = False) -> HFEngine:
         # The engine's hooks are attached only for its own call: the baseline runs without them.
         return HFEngine(model, tokenizer, space, shape.tokens, max(256, shape.rows), GenerationSection().batch_tokens,
-                        dense_4bit=dense_4bit)
+                        dense_4bit=dense_4bit, time_terms=time_terms)
 
     stop_ids = stop_token_ids(model, tokenizer)
 
@@ -160,6 +160,17 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, sh
         hf.close()
         return gen.tokens, gen.seconds
 
+    def term_share() -> float | None:
+        """Share of one more population call spent in the per-row low-rank terms, the population's
+        only extra work: the terms alone allow a ratio of about 1 - share, so a lower ratio is noise
+        or a cost outside them. CPU only, where every op has completed when the hook returns."""
+        if torch.cuda.is_available():
+            return None
+        hf = engine(time_terms=True)
+        gen = hf.generate(candidates(space.dim, shape.population), prompts)
+        hf.close()
+        return gen.phases["seconds_lora_terms"] / gen.seconds
+
     measures = {"population": population_call} | ({"generate": base} if with_generate else {})
     if any(map(wraps, model.modules())):  # the engine's 4-bit path beside bitsandbytes' kernel alone
         measures["bnb_kernel"] = lambda: population_call(False)
@@ -172,31 +183,7 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, sh
     dense.restore()
     return {"generate_tokens_per_s": best.get("generate"), "population_tokens_per_s": best["population"],
             "population_bnb_kernel_tokens_per_s": best.get("bnb_kernel"),
-            **ceiling, "search_dim": space.dim, "peak_gpu_mb": peak, "term_share": term_share(population_call)}
-
-
-def term_share(population_call: Callable[[], tuple[int, float]]) -> float | None:
-    """Share of one extra population call spent in the per-row low-rank terms, the population's
-    only extra work: the terms alone allow a ratio of about 1 - share, so a lower ratio is noise
-    or a cost outside them. CPU only, where every op has completed when the hook returns."""
-    if torch.cuda.is_available():
-        return None
-    spent = 0.0
-    term = _RowLoRA.__call__
-
-    def timed(self: _RowLoRA, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        nonlocal spent
-        start = time.perf_counter()
-        result = term(self, module, args, output)
-        spent += time.perf_counter() - start
-        return result
-
-    _RowLoRA.__call__ = timed
-    try:
-        _, seconds = population_call()
-    finally:
-        _RowLoRA.__call__ = term
-    return spent / seconds
+            **ceiling, "search_dim": space.dim, "peak_gpu_mb": peak, "term_share": term_share()}
 
 
 def vllm_space(source: str, rank: int) -> SVDSpace:

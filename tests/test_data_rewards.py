@@ -2,13 +2,13 @@ import json
 
 import numpy as np
 import pytest
+from essa.rewards import format_instructions as fi
 
 from essa.data import load_splits, minibatch, render
 from essa.errors import EssaError
 from essa.models import load_tokenizer
 from essa.recipe import DataSection
 from essa.scoring import Scorer
-from rewards import format_instructions as fi
 
 
 @pytest.mark.parametrize("instruction, good, bad", [

@@ -344,7 +344,7 @@ def test_a_reward_that_exits_is_named(tmp_path, capsys):
 
 
 def test_scorers_have_no_quadratic_time_bombs():
-    from rewards import countdown, gsm8k
+    from essa.rewards import countdown, gsm8k
 
     start = time.perf_counter()
     assert countdown.score("<answer>" * 20_000, [1, 2], 3) == 0.0

@@ -7,8 +7,9 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="the IFEval reward needs the ifeval extra (lm-eval)")
 
+from essa.rewards import ifeval  # noqa: E402
+
 from essa.data import data_dirs  # noqa: E402
-from rewards import ifeval  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_language_verdicts_are_reproducible():
 
 
 def test_ifeval_metrics_break_strict_accuracy_down_by_instruction_type():
-    from essa.score import ifeval_metrics
+    from essa.rewards.ifeval import accuracies as ifeval_metrics
 
     rows = [{"instruction_id_list": ["a:x", "b:y"], "follow_instruction_list_strict": [True, False],
              "follow_instruction_list_loose": [True, True]},

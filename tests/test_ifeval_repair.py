@@ -5,8 +5,8 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="the IFEval checkers need the ifeval extra (lm-eval)")
 
-from rewards import ifeval  # noqa: E402
-from rewards.ifeval_repair import EDITS, finished, repair  # noqa: E402
+from essa.rewards import ifeval  # noqa: E402
+from essa.rewards.ifeval_repair import EDITS, finished, repair  # noqa: E402
 
 ANSWER = ("Rivers carry water from the hills to the sea, and they shape the land as they go. Many towns grew "
           "beside them, because people needed water, fish and a way to travel. In spring the snow melts, the "

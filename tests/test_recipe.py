@@ -150,3 +150,11 @@ def test_an_unreachable_hub_costs_one_quick_try(tmp_path):
                                    "(http://127.0.0.1:9) is not reachable and the model is not in the local cache; "
                                    "offline? use a local directory, a .gguf file or 'smollm2-135m-instruct'")
     assert "Retry" not in proc.stdout + proc.stderr
+
+
+def test_recipe_check_counts_every_entry_of_the_factors_when_they_are_searched(capsys):
+    # SmolLM2-135M, q/k/v/o at r = 4: per layer 4·(576+576) + 2·4·(576+192) + 4·(576+576), 30 layers
+    assert main(["recipe", "check", str(ROOT / "recipes" / "quickstart.toml"), "--set", 'svd.space="factors"']) == 0
+    out = capsys.readouterr().out
+    assert "search dimension: 460800 (120 modules, 2 factors, every entry)" in out
+    assert "CMA-ES covariance: diagonal (sep-CMA)" in out

@@ -3,11 +3,11 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from essa.rewards import countdown, gsm8k
 
 from essa.errors import EssaError
 from essa.reward_process import load_function
 from essa.scoring import Scorer
-from rewards import countdown, gsm8k
 
 REFERENCE = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
 
@@ -158,7 +158,7 @@ def test_essa_score_writes_one_row_per_input_with_its_reward(tmp_path, capsys):
 
 
 def test_math_answers_are_verified_symbolically():
-    from rewards import math_answers
+    from essa.rewards import math_answers
 
     completions = ["So the result is $\\boxed{\\frac{1}{2}}$.", "The answer is \\boxed{0.5}", "\\boxed{2}",
                    "no answer", "\\boxed{\\sqrt{2}/2}"]
@@ -171,7 +171,7 @@ def test_math_answers_are_verified_symbolically():
 
 
 def test_conciseness_rewards_correct_short_answers():
-    from rewards import conciseness
+    from essa.rewards import conciseness
 
     completions = ["Paris", "The capital of France is Paris, a city on the Seine.", "Lyon", ""]
     scores = conciseness.reward([""] * 4, completions, ["Paris."] * 4)

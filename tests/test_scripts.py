@@ -11,6 +11,8 @@ from bitsandbytes.functional import has_avx512bf16
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+pytestmark = pytest.mark.scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # the scripts import their shared helpers as `python scripts/x.py` does
 

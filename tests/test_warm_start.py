@@ -154,9 +154,9 @@ def test_reference_responses_are_the_targets(tiny_recipe, tmp_path):
 
 
 def test_recipe_check_checks_the_repair(tiny_recipe, capsys):
-    recipe = tiny_recipe(warm_start=WARM | {"repair": "rewards.ifeval_repair:nothing"})
+    recipe = tiny_recipe(warm_start=WARM | {"repair": "essa.rewards.ifeval_repair:nothing"})
     assert main(["recipe", "check", str(recipe)]) == 2
-    assert "warm_start.repair: cannot load 'rewards.ifeval_repair:nothing'" in capsys.readouterr().err
+    assert "warm_start.repair: cannot load 'essa.rewards.ifeval_repair:nothing'" in capsys.readouterr().err
 
 
 def test_repaired_samples_join_the_sampled_ones(tiny_recipe, tmp_path):
@@ -187,11 +187,11 @@ def test_repaired_samples_join_the_sampled_ones(tiny_recipe, tmp_path):
 @pytest.mark.parametrize("sections, message", [
     ({"warm_start": {"method": "rejection"}, "lora": {"adapter": "ADAPTER"}},
      "warm_start.method: 'rejection' produces the starting adapter, so it cannot be combined with lora.adapter"),
-    ({"warm_start": {"method": "reference", "repair": "rewards.ifeval_repair:repair"}},
+    ({"warm_start": {"method": "reference", "repair": "essa.rewards.ifeval_repair:repair"}},
      'warm_start.repair: repairs the base model\'s samples, so it needs warm_start.method = "rejection"'),
     ({"warm_start": {**WARM, "repair": "nowhere.py:fix"}}, "warm_start.repair: file 'nowhere.py' not found"),
-    ({"warm_start": {**WARM, "repair": "rewards.ifeval_repair:nothing"}},
-     "warm_start.repair: cannot load 'rewards.ifeval_repair:nothing'"),
+    ({"warm_start": {**WARM, "repair": "essa.rewards.ifeval_repair:nothing"}},
+     "warm_start.repair: cannot load 'essa.rewards.ifeval_repair:nothing'"),
     ({"warm_start": {**WARM, "max_length": 1}}, "warm_start.max_length: 1 tokens, but the fine-tune's 4 prompts"),
     ({"warm_start": {"method": "reference", "response_field": "solution"}},
      "warm_start.response_field: the training data has no column 'solution'"),

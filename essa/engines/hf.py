@@ -24,6 +24,7 @@ Two shared matmuls of width P·r (for the quickstart's 17 candidates, 68: about 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,8 @@ from essa.engines.decode import decode, distinct_rows
 from essa.engines.dense4bit import Dense4bit
 from essa.engines.rows import Chunking, Generation, OnChunk, OnRows, Rows, RowsOutput, generate, prompt_lengths
 from essa.svd import SVDSpace
+
+Hook = Callable[[nn.Module, tuple, Tensor], Tensor]
 
 
 class _RowLoRA:
@@ -98,16 +101,28 @@ class _StackedLoRA:
 
 
 class PopulationLoRA:
-    """Attach per-row LoRA terms for a whole population to a model's adapted layers."""
+    """Attach per-row LoRA terms for a whole population to a model's adapted layers. `timed`: add the
+    seconds spent in them to `term_seconds` (for benchmarks; on a CPU every op has completed when a
+    hook returns, so the sum is the terms' share of a call)."""
 
-    def __init__(self, model: nn.Module, space: SVDSpace, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, space: SVDSpace, dtype: torch.dtype, timed: bool = False) -> None:
         self.space = space
         device = next(model.parameters()).device
         self.terms = [_StackedLoRA(m.scaling, dtype, device) if space.space == "factors" else _RowLoRA(m, dtype, device)
                       for m in space.modules]
-        self.handles = [model.get_submodule(m.name).register_forward_hook(t)
+        self.term_seconds = 0.0
+        self.handles = [model.get_submodule(m.name).register_forward_hook(self._timed(t) if timed else t)
                         for m, t in zip(space.modules, self.terms)]
         self.device, self.dtype = device, dtype
+
+    def _timed(self, term: Hook) -> Hook:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            start = time.perf_counter()
+            result = term(module, args, output)
+            self.term_seconds += time.perf_counter() - start
+            return result
+
+        return hook
 
     def set_rows(self, candidates: Tensor, members: Tensor) -> None:
         """Row i uses candidate `members[i]` (candidates are offsets in the search space)."""
@@ -162,15 +177,17 @@ class HFEngine:
     """Evaluate populations of candidates with one batched decode per chunk of rows: greedy, or sampled
     at `temperature` > 0 from a generator seeded with `seed` (the warm start's best-of-k samples).
     `dense_4bit`: 4-bit CPU layers multiply through a bf16 copy of their dequantized weight
-    (essa/engines/dense4bit.py); False keeps bitsandbytes' kernel."""
+    (essa/engines/dense4bit.py); False keeps bitsandbytes' kernel. `time_terms`: each chunk's phases
+    hold `seconds_lora_terms`, the time spent in the per-row low-rank terms (benchmarks)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
                  max_new_tokens: int, batch_rows: int, batch_tokens: int = Chunking.tokens,
-                 temperature: float = 0.0, seed: int = 0, dense_4bit: bool = True) -> None:
+                 temperature: float = 0.0, seed: int = 0, dense_4bit: bool = True, time_terms: bool = False) -> None:
         self.model, self.tokenizer, self.space = model, tokenizer, space
         self.max_new_tokens = max_new_tokens
         self.plan = Chunking(batch_rows, True, batch_tokens, max_new_tokens)
-        self.lora = PopulationLoRA(model, space, lora_compute_dtype(model))
+        self.lora = PopulationLoRA(model, space, lora_compute_dtype(model), time_terms)
+        self.time_terms = time_terms
         self.restore_attention = use_gqa_sdpa(model)
         self.dense = Dense4bit(model) if dense_4bit else None
         self.stop_ids = stop_token_ids(model, tokenizer)
@@ -193,8 +210,10 @@ class HFEngine:
                      self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows,
                      on_rows and (lambda finished, tokens: on_rows(finished, len(rows), tokens)),
                      self.temperature, self.generator, same_candidate(candidates, members).to(self.lora.device)).cpu()
+        phases = {"seconds_lora_terms": self.lora.term_seconds} if self.time_terms else {}
+        self.lora.term_seconds = 0.0
         return RowsOutput(self.tokenizer.batch_decode(new, skip_special_tokens=True),
-                          int(count_generated(new, self.stop_ids).sum()), time.perf_counter() - start)
+                          int(count_generated(new, self.stop_ids).sum()), time.perf_counter() - start, phases)
 
     def generate(self, candidates: Tensor, prompts: list[str], on_chunk: OnChunk | None = None,
                  on_rows: OnRows | None = None) -> Generation:

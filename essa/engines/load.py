@@ -11,8 +11,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from essa.engines.hf import HFEngine
 from essa.engines.vllm import VLLMEngine, check_supported, memory_args
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
-from essa.preflight import SPACE_FILE
 from essa.recipe import GenerationSection, Recipe
+from essa.run_dir import SPACE_FILE
 from essa.svd import SVDSpace, build_space
 
 
