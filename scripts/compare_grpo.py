@@ -118,7 +118,7 @@ def test_metrics(recipe: Path, overrides: list[str], test: list[str], adapters: 
     if not report.exists():
         essa_cli("eval", str(recipe), *[a for adapter in adapters for a in ("--adapter", str(adapter))],
                  *sets(overrides + test), "--report", str(report))
-    from essa.evaluate import adapter_names
+    from essa.commands.evaluate import adapter_names
 
     results = json.loads(report.read_text())["results"]
     return {"base": results["base"]} | {str(a): results[name] for a, name in zip(adapters, adapter_names(adapters))}
