@@ -25,7 +25,7 @@ from essa.metrics import MetricsLog, peak_memory_mb, plot
 from essa.models import load_tokenizer, resolve_source
 from essa.preflight import Inputs, check_inputs
 from essa.progress import ChunkSteps, Steps, phase
-from essa.recipe import Recipe, from_dict
+from essa.recipe import Recipe
 from essa.report import write_report
 from essa.run_dir import CHECKPOINTS, METRICS_FILE, PLOT_FILE, RECIPE_FILE, SPACE_FILE, SUMMARY_FILE, check_run_dir
 from essa.scoring import Scorer
@@ -58,9 +58,9 @@ class Parts:
         return float(evaluation.scores.mean()), evaluation
 
 
-def build_parts(recipe: Recipe, raw: dict, run_dir: Path, inputs: Inputs, console: Console) -> Parts:
+def build_parts(recipe: Recipe, run_dir: Path, inputs: Inputs, console: Console) -> Parts:
     if distributed(recipe):
-        evaluator = RayEvaluator(recipe, raw, run_dir, console)
+        evaluator = RayEvaluator(recipe, run_dir, console)
         tokenizer = load_tokenizer(resolve_source(recipe.model.name_or_path))
     else:
         engine, tokenizer = load_engine(recipe, run_dir)
@@ -154,7 +154,7 @@ def summarize(run_dir: Path, recipe: Recipe, rows: list[dict], best: Best, basel
     return summary
 
 
-def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Console) -> dict:
+def align(recipe: Recipe, run_dir: Path, resume: bool, console: Console) -> dict:
     started = time.perf_counter()
     check_run_dir(run_dir, resume)
     with phase(console, "checking the model config, data and reward"):
@@ -162,16 +162,16 @@ def align(recipe: Recipe, raw: dict, run_dir: Path, resume: bool, console: Conso
     try:
         if not resume:
             (run_dir / SPACE_FILE).unlink(missing_ok=True)
-        write_text(run_dir / RECIPE_FILE, json.dumps(raw, indent=1))
-        searched, warm = raw, None
+        write_text(run_dir / RECIPE_FILE, json.dumps(recipe.written, indent=1))
+        searched, warm = recipe, None
         if warm_start.enabled(recipe):  # the paper's SFT stage: it makes the adapter the search starts from
             adapter, warm = warm_start.run(recipe, inputs.train, inputs.heldout, inputs.scorer, run_dir, resume,
                                            console)
-            searched = warm_start.searched(raw, adapter)
+            searched = warm_start.searched(recipe, adapter)
         with phase(console, "loading the model and building the SVD space"):
-            parts = build_parts(from_dict(searched, recipe.source), searched, run_dir, inputs, console)
+            parts = build_parts(searched, run_dir, inputs, console)
         try:
-            return evolve(parts, raw, run_dir, resume, started, warm, console)
+            return evolve(parts, recipe, run_dir, resume, started, warm, console)
         finally:
             parts.evaluator.close()  # also on Ctrl-C: vLLM's scratch adapters and Ray's workers go
     finally:
@@ -188,9 +188,10 @@ def heldout(parts: Parts, center: np.ndarray, iteration: int, run_dir: Path,
     return reward, evaluation, rows
 
 
-def evolve(parts: Parts, raw: dict, run_dir: Path, resume: bool, started: float, warm: dict | None,
+def evolve(parts: Parts, written: Recipe, run_dir: Path, resume: bool, started: float, warm: dict | None,
            console: Console) -> dict:
-    """Restore or start, then iterate to run.iterations, checkpointing after every iteration."""
+    """Restore or start, then iterate to run.iterations, checkpointing after every iteration. `written`:
+    the recipe as the user wrote it (the trackers' config), before a warm start set its adapter."""
     recipe, run = parts.recipe, parts.recipe.run
     ckpt_root, metrics = run_dir / CHECKPOINTS, MetricsLog(run_dir / METRICS_FILE)
     space = parts.evaluator.space
@@ -201,7 +202,7 @@ def evolve(parts: Parts, raw: dict, run_dir: Path, resume: bool, started: float,
                   f"{min(recipe.data.prompts_per_iteration, len(parts.train))} prompts")
 
     restored = restore(ckpt_root, strategy, console) if resume else None
-    sinks = trackers.Trackers(run.report_to, run_dir, raw, restored[0].iteration if restored else None)
+    sinks = trackers.Trackers(run.report_to, run_dir, written.written, restored[0].iteration if restored else None)
     try:
         if restored:
             state, best, baseline = restored

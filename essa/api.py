@@ -66,7 +66,7 @@ def train(recipe: str | Path | Mapping[str, Any] = "quickstart", *, train_datase
     from essa.align import align as run_align
 
     with interrupts.recorded():
-        summary = run_align(parsed, raw, run_dir, resume, console or Console(soft_wrap=True))
+        summary = run_align(parsed, run_dir, resume, console or Console(soft_wrap=True))
     adapter = run_dir / ADAPTER
     export_adapter(run_dir, adapter, export)
     return Result(run_dir, adapter, summary)

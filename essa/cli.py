@@ -127,7 +127,7 @@ def _align(args: argparse.Namespace) -> None:
     console = Console(soft_wrap=True)  # in a log file a line stays one line
     try:
         with interrupts.recorded():
-            align(recipe, raw, run_dir, args.resume, console)
+            align(recipe, run_dir, args.resume, console)
     except KeyboardInterrupt:
         console.print(f"\ninterrupted; checkpoints in {run_dir} are intact. Continue with:\n"
                       f"  essa align {path} --out {run_dir} --resume")

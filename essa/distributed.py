@@ -196,7 +196,7 @@ def restore_env(saved: dict[str, str | None]) -> None:
 class RayEvaluator:
     """The population's chunks spread over Ray workers, re-run elsewhere when a worker is lost."""
 
-    def __init__(self, recipe: Recipe, raw: dict, run_dir: Path, console: Console) -> None:
+    def __init__(self, recipe: Recipe, run_dir: Path, console: Console) -> None:
         cfg = recipe.distributed
         self.local, self.busy, self.chunkings = cfg.address in ("", "local"), False, {}
         self.console, self.recipe, self.saved_env = console, recipe, None
@@ -219,7 +219,7 @@ class RayEvaluator:
                               "authentication: anyone who can reach its ports can run code on it "
                               "(docs/distributed.md, \"A secured cluster\")", highlight=False)
         try:
-            self.workers = self._start(raw, run_dir)
+            self.workers = self._start(recipe.written, run_dir)
         except BaseException:
             self.close()
             raise

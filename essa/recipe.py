@@ -190,9 +190,13 @@ class Recipe:
     vllm: VLLMSection = field(default_factory=VLLMSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     source: str = field(default="<defaults>", compare=False)
+    # The sections as written (overrides applied): what recipe.json saves, trackers show and Ray workers
+    # rebuild the recipe from, so the recipe travels as this one object.
+    written: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-SECTIONS: dict[str, type] = {name: tp for name, tp in typing.get_type_hints(Recipe).items() if name != "source"}
+SECTIONS: dict[str, type] = {name: tp for name, tp in typing.get_type_hints(Recipe).items()
+                             if name not in ("source", "written")}
 
 
 def _describe(tp: Any) -> str:
@@ -303,7 +307,7 @@ def from_dict(raw: dict[str, Any], source: str) -> Recipe:
         if name not in SECTIONS:
             raise RecipeError(source, name, "unknown section; allowed sections: " + ", ".join(SECTIONS))
         sections[name] = _build_section(SECTIONS[name], name, value, source)
-    recipe = Recipe(**sections, source=source)
+    recipe = Recipe(**sections, source=source, written=raw)
     _validate(recipe)
     return recipe
 

@@ -20,6 +20,13 @@ alone only on Triton devices, and on a CPU projects every position of the batch 
 included) onto the vocabulary and adds entropy and top-1 statistics for its logs, which was 40% of
 a quickstart fine-tune step (22 s -> 13 s for 5 steps, same loss; benchmarks/history/quality.md).
 
+Why a run loads the model three times (the sampling, the fine-tune, then the search in essa/align.py),
+each stage from the weights as stored: bitsandbytes repacks 4-bit weights for its CPU inference kernel
+at the first forward in eval mode, and that kernel has no backward, so a model that has generated
+cannot be fine-tuned (its gradients through the frozen layers are wrong); and the fine-tune's model
+comes back with peft's LoRA layers injected and training state set, where the search needs the plain
+base under its own per-row terms. A load of the bundled model takes 2–3 seconds.
+
 Everything lands in <run>/warm_start/:
 samples.jsonl (every sample with its reward and whether it was kept), sampled.json (what the samples
 were made with, and their statistics), adapter/ (a PEFT adapter) and summary.json, written last, so a
@@ -52,7 +59,7 @@ from essa.files import remove_tree, write_text
 from essa.metrics import peak_memory_mb
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_source
 from essa.progress import ChunkSteps, phase
-from essa.recipe import Recipe, to_dict
+from essa.recipe import Recipe, from_dict, to_dict
 from essa.reward_process import RewardFailure
 from essa.run_dir import SAMPLED, SAMPLES, WARM_ADAPTER, WARM_START_SUMMARY
 from essa.scoring import Scorer
@@ -406,7 +413,9 @@ def nothing_to_learn(recipe: Recipe, samples: Path) -> EssaError:
     return EssaError(f"warm_start.response_field: no training row has a non-empty {cfg.response_field!r}")
 
 
-def searched(raw: dict, adapter: Path) -> dict:
+def searched(recipe: Recipe, adapter: Path) -> Recipe:
     """The recipe the search runs after a warm start: its adapter as `lora.adapter`, the warm start done
     (what a Ray worker or a resumed engine is built from)."""
-    return raw | {"lora": raw.get("lora", {}) | {"adapter": str(adapter)}, "warm_start": {"method": "none"}}
+    raw = recipe.written
+    return from_dict(raw | {"lora": raw.get("lora", {}) | {"adapter": str(adapter)}, "warm_start": {"method": "none"}},
+                     recipe.source)

@@ -30,7 +30,6 @@ from essa.align import build_parts
 from essa.data import minibatch
 from essa.evaluation import Task
 from essa.preflight import check_inputs
-from essa.recipe import to_dict
 
 
 def disagreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     try:
         with tempfile.TemporaryDirectory() as run_dir:
-            parts = build_parts(recipe, to_dict(recipe), Path(run_dir), inputs, Console(stderr=True))
+            parts = build_parts(recipe, Path(run_dir), inputs, Console(stderr=True))
             batch = parts.train.subset(minibatch(len(parts.train), args.prompts, args.seed, 0))
             task = Task.of(parts.tokenizer, batch, recipe.data)
             print(f"{'sigma':>8s} {'member/center':>14s} {'member/member':>14s} {'center/alone':>13s} "
