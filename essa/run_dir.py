@@ -29,6 +29,7 @@ RECIPE_FILE, SPACE_FILE, METRICS_FILE, CHECKPOINTS = "recipe.json", "space.safet
 COMPLETIONS, SUMMARY_FILE, PLOT_FILE, REPORT_FILE = "completions", "summary.json", "reward.png", "report.html"
 WARM_START = "warm_start"
 WARM_ADAPTER, SAMPLES, SAMPLED = "adapter", "samples.jsonl", "sampled.json"  # inside warm_start/
+ROUND_SAMPLES = "samples-round-{:03d}.jsonl"  # inside warm_start/: expert iteration's round N
 WARM_START_SUMMARY = f"{WARM_START}/{SUMMARY_FILE}"
 INPUTS, ADAPTER = "inputs", "adapter"
 TRACKERS_FILE, TENSORBOARD = "trackers.json", "tensorboard"

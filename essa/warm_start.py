@@ -61,7 +61,7 @@ from essa.models import load_model, load_tokenizer, resolve_device, resolve_sour
 from essa.progress import ChunkSteps, phase
 from essa.recipe import Recipe, from_dict, to_dict
 from essa.reward_process import RewardFailure
-from essa.run_dir import SAMPLED, SAMPLES, WARM_ADAPTER, WARM_START_SUMMARY
+from essa.run_dir import ROUND_SAMPLES, SAMPLED, SAMPLES, WARM_ADAPTER, WARM_START_SUMMARY
 from essa.scoring import Scorer
 from essa.svd import SVDSpace, build_space
 
@@ -372,7 +372,7 @@ def further_round(recipe: Recipe, train: Dataset, heldout: Dataset, scorer: Scor
                                    space)
     del model, space  # the fine-tune gets a model of its own, as in the first round (run says why)
     gc.collect()
-    path = root / f"samples-round-{round_:03d}.jsonl"
+    path = root / ROUND_SAMPLES.format(round_)
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
     kept = [r for r in samples if r["kept"]]
     if not kept:
