@@ -124,19 +124,20 @@ def read_rows(cfg: DataSection, split: str) -> list[dict[str, Any]]:
     return rows
 
 
-def own_rows(cfg: DataSection, seed: int) -> Dataset:
-    """Every row of a file or hub source for training, when the held-out prompts come from elsewhere."""
+def shuffled_rows(cfg: DataSection, seed: int) -> list[dict[str, Any]]:
+    """The rows of a file or hub source's training split, in the seed's order."""
     rows = read_rows(cfg, cfg.split)
     random.Random(seed).shuffle(rows)
-    return Dataset(rows[: cfg.train_size], cfg.prompt_field)
+    return rows
 
 
 def load_splits(cfg: DataSection, seed: int) -> tuple[Dataset, Dataset]:
     """(train, held-out), deterministic in the seed. Held-out prompts never appear in training."""
     if cfg.heldout_source:
         # e.g. train on generated IFEval-style prompts, evaluate on the real IFEval prompts
-        train = own_rows(cfg, seed) if cfg.source not in GENERATORS else load_splits(replace(cfg, heldout_source=""),
-                                                                                       seed)[0]
+        # (a file or hub source then keeps every row for training)
+        train = (Dataset(shuffled_rows(cfg, seed)[: cfg.train_size], cfg.prompt_field) if cfg.source not in GENERATORS
+                 else load_splits(replace(cfg, heldout_source=""), seed)[0])
         other = replace(cfg, source=cfg.heldout_source, heldout_source="", train_size=0)
         if other.source in GENERATORS:
             heldout = GENERATORS[other.source].splits(other, seed)[1]
@@ -147,8 +148,7 @@ def load_splits(cfg: DataSection, seed: int) -> tuple[Dataset, Dataset]:
     if cfg.source in GENERATORS:
         train, heldout = GENERATORS[cfg.source].splits(cfg, seed)
         return Dataset(train, "prompt"), Dataset(heldout, "prompt")
-    rows = read_rows(cfg, cfg.split)
-    random.Random(seed).shuffle(rows)
+    rows = shuffled_rows(cfg, seed)
     if cfg.heldout_split:
         heldout = read_rows(cfg, cfg.heldout_split)
         random.Random(seed + 1).shuffle(heldout)

@@ -40,8 +40,28 @@ from essa.svd import SVDSpace
 Hook = Callable[[nn.Module, tuple, Tensor], Tensor]
 
 
-class _RowLoRA:
-    """The low-rank term of one module, with per-row singular values folded into one r × r core per row."""
+class _PerRow:
+    """A term's per-row state: that of every row of the batch, and that of the rows in the next forward
+    pass (a decode loop's active rows)."""
+
+    every: Tensor | None = None
+    now: Tensor | None = None
+
+    def keep(self, every: Tensor) -> None:
+        self.every = self.now = every
+
+    def use_rows(self, index: Tensor) -> None:
+        self.now = self.every[index]
+
+    def for_batch(self, x: Tensor) -> Tensor:
+        if self.now is None or x.shape[0] != self.now.shape[0]:
+            raise RuntimeError("population rows were not set for this batch")
+        return self.now
+
+
+class _RowLoRA(_PerRow):
+    """The low-rank term of one module, with per-row singular values folded into one r × r core per row
+    (the per-row state: diag(s_A) mix diag(s_B))."""
 
     def __init__(self, factors, dtype: torch.dtype, device: torch.device) -> None:
         a, b = factors.a, factors.b
@@ -50,35 +70,25 @@ class _RowLoRA:
         self.v_a_t = a.V.T.contiguous().to(device, dtype)  # r × in
         self.mix = (a.U.T @ b.V).to(device, dtype) * factors.scaling  # r × r
         self.u_b = b.U.contiguous().to(device, dtype)      # out × r
-        self.cores: Tensor | None = None  # diag(s_A) mix diag(s_B) of every row of the batch
-        self.core: Tensor | None = None   # those of the rows in the next forward pass
 
     def set_rows(self, s_a: Tensor, s_b: Tensor) -> None:
-        self.cores = s_a[:, :, None] * self.mix * s_b[:, None, :]
-        self.core = self.cores
-
-    def use_rows(self, index: Tensor) -> None:
-        self.core = self.cores[index]
+        self.keep(s_a[:, :, None] * self.mix * s_b[:, None, :])
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        x = args[0]
-        if self.core is None or x.shape[0] != self.core.shape[0]:
-            raise RuntimeError("population rows were not set for this batch")
-        x = x.to(self.v_a_t.dtype)  # [rows, tokens, in]
-        h = F.linear(torch.bmm(F.linear(x, self.v_a_t), self.core), self.u_b)
+        core = self.for_batch(args[0])
+        x = args[0].to(self.v_a_t.dtype)  # [rows, tokens, in]
+        h = F.linear(torch.bmm(F.linear(x, self.v_a_t), core), self.u_b)
         return output.add_(h)  # summed in the term's precision, rounded once to the output's
 
 
-class _StackedLoRA:
+class _StackedLoRA(_PerRow):
     """The low-rank term of one module when every candidate has its own factors: the chunk's candidates
-    stacked into one shared term, each row masked to its own candidate's block."""
+    stacked into one shared term, each row masked to its own candidate's block (the per-row state)."""
 
     def __init__(self, scaling: float, dtype: torch.dtype, device: torch.device) -> None:
         self.scaling, self.dtype, self.device = scaling, dtype, device
         self.a: Tensor | None = None     # [P·r, in]
         self.b: Tensor | None = None     # [out, P·r]
-        self.masks: Tensor | None = None  # [rows of the batch, P·r]
-        self.mask: Tensor | None = None   # those of the rows in the next forward pass
 
     def set_rows(self, a: Tensor, b: Tensor, members: Tensor) -> None:
         """`a` [P, r, in] and `b` [P, out, r] of the chunk's candidates; row i uses candidate `members[i]`."""
@@ -86,17 +96,11 @@ class _StackedLoRA:
         self.a = a.reshape(n * rank, -1).to(self.device, self.dtype)
         self.b = b.permute(1, 0, 2).reshape(b.shape[1], n * rank).to(self.device, self.dtype)
         block = torch.arange(n * rank) // rank
-        self.masks = ((block[None, :] == members[:, None]) * self.scaling).to(self.device, self.dtype)
-        self.mask = self.masks
-
-    def use_rows(self, index: Tensor) -> None:
-        self.mask = self.masks[index]
+        self.keep(((block[None, :] == members[:, None]) * self.scaling).to(self.device, self.dtype))
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        x = args[0]
-        if self.mask is None or x.shape[0] != self.mask.shape[0]:
-            raise RuntimeError("population rows were not set for this batch")
-        h = F.linear(F.linear(x.to(self.dtype), self.a) * self.mask[:, None, :], self.b)
+        mask = self.for_batch(args[0])
+        h = F.linear(F.linear(args[0].to(self.dtype), self.a) * mask[:, None, :], self.b)
         return output.add_(h)
 
 
