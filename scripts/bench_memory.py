@@ -10,9 +10,11 @@ on) and the whole process's. Per process: RSS once the libraries are imported, R
 is loaded, the work's peak RSS and what it adds to the loaded model, the process's peak RSS; on a
 GPU the same for `torch.cuda.max_memory_allocated`. And where each peak comes from: the peak RSS
 of each phase (loading, SVD, generation, GRPO's log-probabilities and backward), sampled every 20 ms.
+Where the recipe has a [warm_start], essa's process runs it first (its sampling and fine-tune are
+phases of their own), and the warm start's peak is reported beside the search's.
 
     python scripts/bench_memory.py [--recipe recipes/format-instructions.toml] [--set KEY=VALUE ...] [--quick]
-        [--json out.json]
+        [--workers inference,essa,grpo] [--json out.json]
         [--plot out.png]
 """
 
@@ -34,6 +36,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ("inference", "essa", "grpo")
+COLORS = {"inference": "tab:gray", "essa": "tab:blue", "grpo": "tab:orange"}
+# The warm start's stages (a recipe with a [warm_start] runs them before the search): its phases start
+# with "warm start", the search's are the other labelled ones.
+WARM_START_PHASES = {"load_model": "warm start: load model", "heldout_reward": "warm start: held-out",
+                     "best_of_k": "warm start: sampling", "fine_tune": "warm start: fine-tune"}
 QUICK = ["strategy.population=4", "data.prompts_per_iteration=2", "generation.max_new_tokens=8",
          "data.heldout_size=4"]
 
@@ -71,7 +78,7 @@ class Phases:
     """Peak RSS of each named phase of a worker, sampled every 20 ms on a thread: where its peak comes from."""
 
     def __init__(self) -> None:
-        self.current = "other"
+        self.current, self.stage = "other", ""
         self.peaks: dict[str, float] = {}
         self._running = True
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -90,19 +97,23 @@ class Phases:
         self._thread.join()
         return self.peaks
 
-    def label(self, owner: object, name: str, phase: str) -> None:
-        """While `owner.name` runs, the phase is `phase` (except within phases labelled inside it)."""
+    def label(self, owner: object, name: str, phase: str, stage: bool = False) -> None:
+        """While `owner.name` runs, the phase is `phase`, except within phases labelled inside it. A
+        stage's phase also names the phases inside it ("warm start: sampling / generate")."""
         function = getattr(owner, name)
 
         @functools.wraps(function)
         def labelled(*args, **kwargs):
-            outer, self.current = self.current, phase
-            self._record(phase)  # a phase shorter than the sampling period still gets a row
+            outer, outer_stage = self.current, self.stage
+            self.current = inner = outer_stage + phase
+            if stage:
+                self.stage = inner + " / "
+            self._record(inner)  # a phase shorter than the sampling period still gets a row
             try:
                 return function(*args, **kwargs)
             finally:
-                self._record(phase)
-                self.current = outer
+                self._record(inner)
+                self.current, self.stage = outer, outer_stage
 
         setattr(owner, name, labelled)
 
@@ -134,6 +145,7 @@ def run_inference(recipe_path: Path, overrides: list[str], phases: Phases) -> No
 def run_essa(recipe_path: Path, overrides: list[str], phases: Phases) -> None:
     import essa.align  # noqa: F401  (the cli imports it lazily: the baseline must include it)
     import essa.engines.load as engine_load
+    import essa.warm_start as warm_start
     from essa.cli import main
     from essa.engines import HFEngine
 
@@ -141,6 +153,8 @@ def run_essa(recipe_path: Path, overrides: list[str], phases: Phases) -> None:
     phases.label(engine_load, "load_model", "load model")
     phases.label(engine_load, "build_space", "SVD of the adapted layers")
     phases.label(HFEngine, "generate_rows", "generate")
+    for name, phase in WARM_START_PHASES.items():
+        phases.label(warm_start, name, phase, stage=True)
     report("imported")
     with tempfile.TemporaryDirectory() as out:
         code = main(["align", str(recipe_path), "--out", out, "--set", "run.iterations=1",
@@ -191,6 +205,9 @@ def measure(worker: str, recipe: Path, overrides: list[str]) -> dict:
     result = {"worker": worker, "imported_rss_mb": imported["rss_mb"], "loaded_rss_mb": loaded["rss_mb"],
               "work_peak_rss_mb": done["hwm_mb"], "work_added_rss_mb": done["hwm_mb"] - loaded["rss_mb"],
               "peak_rss_mb": done["peak_rss_mb"], "phase_peak_rss_mb": done["phase_peaks"]}
+    stages = split_stages(done["phase_peaks"])
+    if stages:
+        result |= stages
     if "gpu_peak_mb" in done:
         result |= {"loaded_gpu_mb": loaded["gpu_mb"], "work_peak_gpu_mb": done["gpu_peak_mb"],
                    "work_added_gpu_mb": done["gpu_peak_mb"] - loaded["gpu_mb"],
@@ -198,22 +215,33 @@ def measure(worker: str, recipe: Path, overrides: list[str]) -> dict:
     return result
 
 
+def split_stages(phase_peaks: dict[str, float]) -> dict[str, float]:
+    """The warm start's peak RSS and the search's (labelled phases only), and their ratio, where a warm start ran."""
+    warm = [mb for p, mb in phase_peaks.items() if p.startswith("warm start")]
+    search = [mb for p, mb in phase_peaks.items() if not p.startswith(("warm start", "other"))]
+    if not warm or not search:
+        return {}
+    return {"warm_start_peak_rss_mb": max(warm), "search_peak_rss_mb": max(search),
+            "warm_start_over_search_peak_rss": max(warm) / max(search)}
+
+
 RSS_KEYS = ("work_peak_rss_mb", "work_added_rss_mb", "peak_rss_mb")
 GPU_KEYS = ("work_peak_gpu_mb", "work_added_gpu_mb", "peak_gpu_mb")
 
 
 def ratios_of(results: dict[str, dict]) -> dict[str, float]:
-    keys = RSS_KEYS + (GPU_KEYS if "peak_gpu_mb" in results["essa"] else ())
+    keys = RSS_KEYS + (GPU_KEYS if any("peak_gpu_mb" in r for r in results.values()) else ())
     pairs = {"essa_over_inference": ("essa", "inference"), "grpo_over_inference": ("grpo", "inference"),
              "grpo_over_essa": ("grpo", "essa")}
-    return {f"{name}_{k}": results[a][k] / results[b][k] for name, (a, b) in pairs.items() for k in keys}
+    return {f"{name}_{k}": results[a][k] / results[b][k] for name, (a, b) in pairs.items() for k in keys
+            if a in results and b in results}
 
 
 def print_table(results: dict[str, dict], ratios: dict[str, float], title: str) -> None:
     print(title)
     columns = {"after imports": "imported_rss_mb", "loaded": "loaded_rss_mb", "work peak": "work_peak_rss_mb",
                "work adds": "work_added_rss_mb", "process peak": "peak_rss_mb"}
-    if "peak_gpu_mb" in results["essa"]:
+    if any("peak_gpu_mb" in r for r in results.values()):
         columns |= {"GPU loaded": "loaded_gpu_mb", "GPU work peak": "work_peak_gpu_mb",
                     "GPU work adds": "work_added_gpu_mb"}
     print("MiB        " + "".join(f"{c:>15}" for c in columns))
@@ -223,6 +251,10 @@ def print_table(results: dict[str, dict], ratios: dict[str, float], title: str) 
         print(f"{w} peak RSS by phase: " + ", ".join(f"{p} {mb:.0f}" for p, mb in r["phase_peak_rss_mb"].items()))
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
+    if "warm_start_peak_rss_mb" in results.get("essa", {}):
+        r = results["essa"]
+        print(f"essa: warm start peak {r['warm_start_peak_rss_mb']:.0f} MiB, search peak {r['search_peak_rss_mb']:.0f} "
+              f"MiB: {r['warm_start_over_search_peak_rss']:.2f}x")
 
 
 def plot(results: dict[str, dict], title: str, path: Path) -> None:
@@ -231,13 +263,13 @@ def plot(results: dict[str, dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    unit = "gpu" if "peak_gpu_mb" in results["essa"] else "rss"
+    unit = "gpu" if any("peak_gpu_mb" in r for r in results.values()) else "rss"
     names = list(results)
     loaded = [results[n][f"loaded_{unit}_mb"] for n in names]
     added = [results[n][f"work_added_{unit}_mb"] for n in names]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(names, loaded, color="lightgray", label="loaded model (and libraries)")
-    bars = ax.bar(names, added, bottom=loaded, color=["tab:gray", "tab:blue", "tab:orange"],
+    bars = ax.bar(names, added, bottom=loaded, color=[COLORS[n] for n in names],
                   label="added by the work")
     ax.scatter(names, [results[n][f"peak_{unit}_mb"] for n in names], marker="_", s=600, color="black",
                label="process peak (loading included)", zorder=3)
@@ -258,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help=f"also set {' '.join(QUICK)}")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="also draw the results here (PNG)")
+    parser.add_argument("--workers", default=",".join(WORKERS),
+                        help=f"which of {', '.join(WORKERS)} to measure (comma-separated; default all)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     overrides = (QUICK if args.quick else []) + args.overrides
@@ -267,7 +301,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                       overrides, phases)
         report("done", phase_peaks=phases.stop())
         return {}
-    results = {w: measure(w, args.recipe.resolve(), overrides) for w in WORKERS}
+    workers = args.workers.split(",")
+    if unknown := set(workers) - set(WORKERS):
+        parser.error(f"--workers: unknown {', '.join(sorted(unknown))} (one of {', '.join(WORKERS)})")
+    results = {w: measure(w, args.recipe.resolve(), overrides) for w in workers}
     ratios = ratios_of(results)
     title = f"recipe {args.recipe.name} {' '.join(overrides)}".strip()
     print_table(results, ratios, title)

@@ -30,12 +30,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import cpu_model
+
+from essa import recipe as recipes
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from machine import cpu_model  # noqa: E402
-
-from essa import recipe as recipes  # noqa: E402
 
 # (label, --set overrides, torch threads of the driver process)
 CONFIGS = [("one process, 2 threads", ["distributed.workers=1"]),
@@ -108,7 +107,7 @@ def main() -> None:
     parser.add_argument("--gpu", default='{"name": "H100 SXM", "bandwidth_tb_s": 3.35, "tflops": 989, "mfu": 0.4}',
                         help="the modelled GPU, as JSON")
     parser.add_argument("--network-gb-s", type=float, default=1.25, help="driver link (10 Gbit/s)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_scaling.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "history" / "bench_scaling.json")
     args = parser.parse_args()
 
     sets = [f"run.iterations={args.iterations}", f"run.eval_every={args.iterations}",

@@ -148,6 +148,23 @@ def test_bench_memory_quick_measures_three_processes(tiny_recipe, tmp_path):
     assert (tmp_path / "memory.png").stat().st_size > 0
 
 
+def test_bench_memory_splits_the_warm_starts_peak_from_the_searchs(tiny_recipe, tmp_path):
+    from tests.test_warm_start import REWARDS, WARM
+
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    recipe = tiny_recipe(warm_start=WARM, reward={"name": f"{tmp_path / 'rewards.py'}:length"})
+    report = script("bench_memory").main(["--recipe", str(recipe), "--quick", "--workers", "essa"])
+    (essa,) = report["results"].values()
+    phases = essa["phase_peak_rss_mb"]
+    assert {"warm start: sampling / generate", "warm start: fine-tune", "generate"} <= set(phases)
+    assert essa["warm_start_peak_rss_mb"] == max(mb for p, mb in phases.items() if p.startswith("warm start"))
+    assert essa["search_peak_rss_mb"] == max(phases["generate"], phases["load model"],
+                                             phases["SVD of the adapted layers"])
+    assert essa["warm_start_over_search_peak_rss"] == pytest.approx(
+        essa["warm_start_peak_rss_mb"] / essa["search_peak_rss_mb"])
+    assert report["ratios"] == {}  # one worker: nothing to compare it with
+
+
 def test_compare_grpo_quick_runs_both_methods_on_the_same_budget(tiny_recipe, tmp_path):
     compare = script("compare_grpo")
     argv = ["--recipe", str(tiny_recipe()), "--quick", "--seeds", "0,1", "--test", "data.heldout_size=3",
