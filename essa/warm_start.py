@@ -65,7 +65,7 @@ from essa.run_dir import ROUND_SAMPLES, SAMPLED, SAMPLES, WARM_ADAPTER, WARM_STA
 from essa.scoring import Scorer
 from essa.svd import SVDSpace, build_space
 
-FINE_TUNE = ("epochs", "learning_rate", "batch_size", "max_length", "rounds")  # settings the samples do not depend on
+FINE_TUNE = ("epochs", "learning_rate", "batch_size", "micro_batch_size", "max_length", "rounds")  # settings the samples do not depend on
 BASE = SVDSpace([], 1.0)  # no adapted modules: every candidate is the base model
 
 
@@ -188,10 +188,12 @@ def plain_head(model) -> bool:
     return all(getattr(config, name, None) is None for name in LOGIT_TRANSFORMS)
 
 
-def completion_loss(model, inputs: dict[str, Any]):
+def completion_loss(model, inputs: dict[str, Any], num_items_in_batch: Any = None):
     """Mean cross-entropy of the completion tokens (labels other than -100), with the vocabulary projection
-    of those positions only: the same loss as TRL's, at a fraction of its cost on a CPU. The fine-tune
-    does not accumulate gradients, so the batch's own token count is the trainer's `num_items_in_batch`."""
+    of those positions only: the same loss as TRL's, at a fraction of its cost on a CPU. Summed over this
+    micro-batch and divided by the optimizer step's completion tokens (`num_items_in_batch`, all its
+    micro-batches'; the trainer then leaves it unscaled), so the micro-batches' gradients add up to
+    the whole batch's; without it, this micro-batch's mean."""
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -201,7 +203,8 @@ def completion_loss(model, inputs: dict[str, Any]):
     labels = inputs["labels"][:, 1:]
     scored = labels != -100
     logits = base.get_output_embeddings()(hidden[:, :-1][scored]).float()
-    return F.cross_entropy(logits, labels[scored], reduction="sum") / scored.sum().clamp(min=1)
+    items = scored.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return F.cross_entropy(logits, labels[scored], reduction="sum") / items
 
 
 def trainer_class():
@@ -212,9 +215,17 @@ def trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not plain_head(model):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return completion_loss(model, inputs)
+            return completion_loss(model, inputs, num_items_in_batch)
 
     return CompletionLossTrainer
+
+
+def micro_batch(batch_size: int, most: int) -> int:
+    """Examples per forward and backward pass: the largest divisor of `batch_size` up to `most`, so that
+    an optimizer step's passes add up to exactly `batch_size` examples. The activations kept for the
+    backward pass grow with the pass's tokens, the result does not (up to rounding), and on a CPU a
+    pass of a few examples already keeps the matmuls efficient."""
+    return max(d for d in range(1, min(batch_size, most) + 1) if batch_size % d == 0)
 
 
 def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out: Path, console: Console,
@@ -236,8 +247,10 @@ def fine_tune(model, tokenizer, recipe: Recipe, rows: list[dict[str, Any]], out:
                               f"elapsed {time.perf_counter() - began:.0f} s", highlight=False)
 
     cuda = resolve_device(recipe.model.device).type == "cuda"
+    micro = micro_batch(cfg.batch_size, cfg.micro_batch_size)
     args = SFTConfig(output_dir=str(out.parent / "trainer"), num_train_epochs=cfg.epochs,
-                     per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                     per_device_train_batch_size=micro, gradient_accumulation_steps=cfg.batch_size // micro,
+                     learning_rate=cfg.learning_rate,
                      lr_scheduler_type="constant", max_length=cfg.max_length, seed=recipe.run.seed,
                      # Memory matters for multi-billion models on a GPU; on a CPU the models are small and
                      # recomputing activations would only cost time.

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from essa.adapter_files import read_peft_adapter
@@ -272,6 +274,68 @@ def test_completion_loss_equals_trls(tiny_model_dir, tmp_path):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
     model.config.final_logit_softcapping = 30.0
     assert not plain_head(trainer.model), "a softcapped head is left to TRL, which applies it"
+
+
+def test_micro_batch_divides_the_batch():
+    from essa.warm_start import micro_batch
+
+    assert [micro_batch(8, m) for m in (1, 2, 3, 4, 8, 100)] == [1, 2, 2, 4, 8, 8]
+    assert micro_batch(6, 4) == 3 and micro_batch(7, 2) == 1
+
+
+def test_micro_batches_gradients_add_up_to_the_batchs(tiny_model_dir):
+    """Each micro-batch's loss is its completion tokens' summed cross-entropy over the whole batch's
+    count, so their gradients add up to the batch's (completions of different lengths: a mean per
+    micro-batch would weigh their tokens differently)."""
+    from peft import LoraConfig, get_peft_model
+
+    from essa.warm_start import completion_loss
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ids = [tokenizer(p + c)["input_ids"] for p, c in zip(PROMPTS, ["Drops.", "Red, green and a very long blue.", "4"])]
+    prompt_lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    width = max(map(len, ids))
+    batch = {"input_ids": torch.tensor([row + [0] * (width - len(row)) for row in ids]),
+             "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])}
+    batch["labels"] = torch.tensor([[-100] * n + row[n:] + [-100] * (width - len(row))
+                                    for row, n in zip(ids, prompt_lengths)])
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(parts: list[slice], items) -> list[torch.Tensor]:
+        model.zero_grad()
+        for part in parts:
+            completion_loss(model, {k: v[part] for k, v in batch.items()}, items).backward()
+        return [p.grad.clone() for p in trained]
+
+    whole = gradients([slice(0, 3)], None)
+    items = int((batch["labels"][:, 1:] != -100).sum())
+    for mine, theirs in zip(gradients([slice(0, 1), slice(1, 3)], torch.tensor(items)), whole, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+    means = gradients([slice(0, 1), slice(1, 3)], None)
+    assert any(not torch.allclose(m, w) for m, w in zip(means, whole)), "the check can tell a mean per micro-batch"
+
+
+def test_fine_tune_in_micro_batches_trains_what_one_batch_does(tiny_recipe, tiny_model_dir, tmp_path):
+    """The fine-tune's passes of `micro_batch_size` examples make the same optimizer steps (the trainer
+    accumulates them) as passes of the whole batch, up to rounding."""
+    from essa.models import load_model
+    from essa.recipe import load
+    from essa.warm_start import fine_tune
+
+    rows = [{"rendered": p, "completion": c} for p, c in
+            zip(PROMPTS * 2, ["Drops on the roof.", "Red, green and a very long blue.", "4", "Yes.", "No", "A b c d e"])]
+    adapters = []
+    for micro in (4, 1):
+        recipe = load(tiny_recipe(warm_start=WARM | {"batch_size": 4, "micro_batch_size": micro, "epochs": 2.0}))
+        model, tokenizer = load_model(recipe.model)
+        summary = fine_tune(model.train(), tokenizer, recipe, rows, tmp_path / f"micro-{micro}", Console())
+        assert summary["sft_steps"] == 4  # 2 epochs of 2 optimizer steps (4 + 2 examples), whatever the passes
+        adapters.append(load_file(str(tmp_path / f"micro-{micro}" / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, weight in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], weight, rtol=1e-4, atol=1e-5)  # Adam in float32
 
 
 def test_further_rounds_sample_from_the_adapter_and_train_it_on(warm_run, tiny_recipe, tmp_path):
