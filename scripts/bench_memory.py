@@ -41,6 +41,7 @@ COLORS = {"inference": "tab:gray", "essa": "tab:blue", "grpo": "tab:orange"}
 # with "warm start", the search's are the other labelled ones.
 WARM_START_PHASES = {"load_model": "warm start: load model", "heldout_reward": "warm start: held-out",
                      "best_of_k": "warm start: sampling", "fine_tune": "warm start: fine-tune"}
+WARM_START_SECONDS = ("seconds_sampling", "seconds_fine_tune", "sft_steps")  # from the run's summary
 QUICK = ["strategy.population=4", "data.prompts_per_iteration=2", "generation.max_new_tokens=8",
          "data.heldout_size=4"]
 
@@ -159,8 +160,10 @@ def run_essa(recipe_path: Path, overrides: list[str], phases: Phases) -> None:
     with tempfile.TemporaryDirectory() as out:
         code = main(["align", str(recipe_path), "--out", out, "--set", "run.iterations=1",
                      *[arg for o in overrides for arg in ("--set", o)]])
-    if code:
-        raise SystemExit(code)
+        if code:
+            raise SystemExit(code)
+        warm = json.loads((Path(out) / "summary.json").read_text()).get("warm_start", {})
+    report("seconds", **{k: warm[k] for k in WARM_START_SECONDS if k in warm})
 
 
 def run_grpo(recipe_path: Path, overrides: list[str], phases: Phases) -> None:
@@ -207,7 +210,8 @@ def measure(worker: str, recipe: Path, overrides: list[str]) -> dict:
               "peak_rss_mb": done["peak_rss_mb"], "phase_peak_rss_mb": done["phase_peaks"]}
     stages = split_stages(done["phase_peaks"])
     if stages:
-        result |= stages
+        result |= stages | {f"warm_start_{k}": v for k, v in rows["seconds"].items()
+                            if k in WARM_START_SECONDS}
     if "gpu_peak_mb" in done:
         result |= {"loaded_gpu_mb": loaded["gpu_mb"], "work_peak_gpu_mb": done["gpu_peak_mb"],
                    "work_added_gpu_mb": done["gpu_peak_mb"] - loaded["gpu_mb"],
@@ -254,7 +258,9 @@ def print_table(results: dict[str, dict], ratios: dict[str, float], title: str) 
     if "warm_start_peak_rss_mb" in results.get("essa", {}):
         r = results["essa"]
         print(f"essa: warm start peak {r['warm_start_peak_rss_mb']:.0f} MiB, search peak {r['search_peak_rss_mb']:.0f} "
-              f"MiB: {r['warm_start_over_search_peak_rss']:.2f}x")
+              f"MiB: {r['warm_start_over_search_peak_rss']:.2f}x; warm start sampling "
+              f"{r.get('warm_start_seconds_sampling', 0):.0f} s, fine-tune "
+              f"{r.get('warm_start_seconds_fine_tune', 0):.0f} s ({r.get('warm_start_sft_steps', 0)} steps)")
 
 
 def plot(results: dict[str, dict], title: str, path: Path) -> None:

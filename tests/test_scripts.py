@@ -162,6 +162,8 @@ def test_bench_memory_splits_the_warm_starts_peak_from_the_searchs(tiny_recipe, 
                                              phases["SVD of the adapted layers"])
     assert essa["warm_start_over_search_peak_rss"] == pytest.approx(
         essa["warm_start_peak_rss_mb"] / essa["search_peak_rss_mb"])
+    assert essa["warm_start_sft_steps"] >= 1 and essa["warm_start_seconds_fine_tune"] > 0
+    assert essa["warm_start_seconds_sampling"] > 0
     assert report["ratios"] == {}  # one worker: nothing to compare it with
 
 

@@ -324,8 +324,8 @@ def test_fine_tune_in_micro_batches_trains_what_one_batch_does(tiny_recipe, tiny
     from essa.recipe import load
     from essa.warm_start import fine_tune
 
-    rows = [{"rendered": p, "completion": c} for p, c in
-            zip(PROMPTS * 2, ["Drops on the roof.", "Red, green and a very long blue.", "4", "Yes.", "No", "A b c d e"])]
+    completions = ["Drops on the roof.", "Red, green and a very long blue.", "4", "Yes.", "No", "A b c d e"]
+    rows = [{"rendered": p, "completion": c} for p, c in zip(PROMPTS * 2, completions)]
     adapters = []
     for micro in (4, 1):
         recipe = load(tiny_recipe(warm_start=WARM | {"batch_size": 4, "micro_batch_size": micro, "epochs": 2.0}))
