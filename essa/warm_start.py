@@ -65,7 +65,8 @@ from essa.run_dir import ROUND_SAMPLES, SAMPLED, SAMPLES, WARM_ADAPTER, WARM_STA
 from essa.scoring import Scorer
 from essa.svd import SVDSpace, build_space
 
-FINE_TUNE = ("epochs", "learning_rate", "batch_size", "micro_batch_size", "max_length", "rounds")  # settings the samples do not depend on
+# the settings the samples do not depend on
+FINE_TUNE = ("epochs", "learning_rate", "batch_size", "micro_batch_size", "max_length", "rounds")
 BASE = SVDSpace([], 1.0)  # no adapted modules: every candidate is the base model
 
 
