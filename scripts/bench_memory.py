@@ -220,9 +220,11 @@ def measure(worker: str, recipe: Path, overrides: list[str]) -> dict:
 
 
 def split_stages(phase_peaks: dict[str, float]) -> dict[str, float]:
-    """The warm start's peak RSS and the search's (labelled phases only), and their ratio, where a warm start ran."""
-    warm = [mb for p, mb in phase_peaks.items() if p.startswith("warm start")]
-    search = [mb for p, mb in phase_peaks.items() if not p.startswith(("warm start", "other"))]
+    """The warm start's peak RSS and the search's, where a warm start ran, and their ratio: of their work
+    (labelled phases but model loading, whose peak is the quantization's, the same for both)."""
+    work = {p: mb for p, mb in phase_peaks.items() if p != "other" and "load model" not in p}
+    warm = [mb for p, mb in work.items() if p.startswith("warm start")]
+    search = [mb for p, mb in work.items() if not p.startswith("warm start")]
     if not warm or not search:
         return {}
     return {"warm_start_peak_rss_mb": max(warm), "search_peak_rss_mb": max(search),

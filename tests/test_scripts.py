@@ -157,9 +157,9 @@ def test_bench_memory_splits_the_warm_starts_peak_from_the_searchs(tiny_recipe, 
     (essa,) = report["results"].values()
     phases = essa["phase_peak_rss_mb"]
     assert {"warm start: sampling / generate", "warm start: fine-tune", "generate"} <= set(phases)
-    assert essa["warm_start_peak_rss_mb"] == max(mb for p, mb in phases.items() if p.startswith("warm start"))
-    assert essa["search_peak_rss_mb"] == max(phases["generate"], phases["load model"],
-                                             phases["SVD of the adapted layers"])
+    assert essa["warm_start_peak_rss_mb"] == max(mb for p, mb in phases.items()
+                                                 if p.startswith("warm start") and "load model" not in p)
+    assert essa["search_peak_rss_mb"] == max(phases["generate"], phases["SVD of the adapted layers"])
     assert essa["warm_start_over_search_peak_rss"] == pytest.approx(
         essa["warm_start_peak_rss_mb"] / essa["search_peak_rss_mb"])
     assert essa["warm_start_sft_steps"] >= 1 and essa["warm_start_seconds_fine_tune"] > 0
