@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from machine import cpu_model, script_report, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ("inference", "essa", "grpo")
 COLORS = {"inference": "tab:gray", "essa": "tab:blue", "grpo": "tab:orange"}
@@ -318,9 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(results, ratios, title)
     if args.plot:
         plot(results, title, args.plot)
-    report_ = {"recipe": str(args.recipe), "overrides": overrides, "results": results, "ratios": ratios}
-    if args.json:
-        args.json.write_text(json.dumps(report_, indent=1))
+    report_ = script_report("bench_memory.py", argv, recipe=str(args.recipe), overrides=overrides, cpu=cpu_model(),
+                            results=results, ratios=ratios)
+    write_json(args.json, report_)
     return report_
 
 
