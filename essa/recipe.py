@@ -78,7 +78,7 @@ class WarmStartSection:
     epochs: float = positive(2.0, 10**4)
     learning_rate: float = positive(1e-3, 10)
     batch_size: int = positive(8, 10**5)
-    micro_batch_size: int = positive(2, 10**5)
+    pass_tokens: int = positive(1024, 10**9)
     max_length: int = positive(1024, 10**7)
     rounds: int = positive(1, 10**4)
 

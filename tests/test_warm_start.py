@@ -297,8 +297,9 @@ def test_release_memory_hands_freed_arena_pages_back():
 def test_micro_batch_divides_the_batch():
     from essa.warm_start import micro_batch
 
-    assert [micro_batch(8, m) for m in (1, 2, 3, 4, 8, 100)] == [1, 2, 2, 4, 8, 8]
-    assert micro_batch(6, 4) == 3 and micro_batch(7, 2) == 1
+    assert [micro_batch(8, 100, t) for t in (50, 100, 200, 300, 400, 800, 10**6)] == [1, 1, 2, 2, 4, 8, 8]
+    assert micro_batch(6, 100, 400) == 3 and micro_batch(7, 100, 200) == 1
+    assert micro_batch(8, 118, 1024) == 8 and micro_batch(8, 510, 1024) == 2  # the quickstart's, IFEval's
 
 
 def test_micro_batches_gradients_add_up_to_the_batchs(tiny_model_dir):
@@ -336,8 +337,8 @@ def test_micro_batches_gradients_add_up_to_the_batchs(tiny_model_dir):
 
 
 def test_fine_tune_in_micro_batches_trains_what_one_batch_does(tiny_recipe, tiny_model_dir, tmp_path):
-    """The fine-tune's passes of `micro_batch_size` examples make the same optimizer steps (the trainer
-    accumulates them) as passes of the whole batch, up to rounding."""
+    """The fine-tune's passes of as many examples as fit in `pass_tokens` make the same optimizer steps
+    (the trainer accumulates them) as passes of the whole batch, up to rounding."""
     from essa.models import load_model
     from essa.recipe import load
     from essa.warm_start import fine_tune
@@ -345,10 +346,11 @@ def test_fine_tune_in_micro_batches_trains_what_one_batch_does(tiny_recipe, tiny
     completions = ["Drops on the roof.", "Red, green and a very long blue.", "4", "Yes.", "No", "A b c d e"]
     rows = [{"rendered": p, "completion": c} for p, c in zip(PROMPTS * 2, completions)]
     adapters = []
-    for micro in (4, 1):
-        recipe = load(tiny_recipe(warm_start=WARM | {"batch_size": 4, "micro_batch_size": micro, "epochs": 2.0}))
+    for micro, pass_tokens in ((4, 10**6), (1, 1)):
+        recipe = load(tiny_recipe(warm_start=WARM | {"batch_size": 4, "pass_tokens": pass_tokens, "epochs": 2.0}))
         model, tokenizer = load_model(recipe.model)
         summary = fine_tune(model.train(), tokenizer, recipe, rows, tmp_path / f"micro-{micro}", Console())
+        assert summary["sft_examples_per_pass"] == micro
         assert summary["sft_steps"] == 4  # 2 epochs of 2 optimizer steps (4 + 2 examples), whatever the passes
         adapters.append(load_file(str(tmp_path / f"micro-{micro}" / "adapter_model.safetensors")))
     assert adapters[0].keys() == adapters[1].keys()
