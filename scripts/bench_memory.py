@@ -36,6 +36,8 @@ from pathlib import Path
 
 from machine import cpu_model, script_report, write_json
 
+from essa.run_dir import SUMMARY_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ("inference", "essa", "grpo")
 COLORS = {"inference": "tab:gray", "essa": "tab:blue", "grpo": "tab:orange"}
@@ -164,7 +166,7 @@ def run_essa(recipe_path: Path, overrides: list[str], phases: Phases) -> None:
                      *[arg for o in overrides for arg in ("--set", o)]])
         if code:
             raise SystemExit(code)
-        warm = json.loads((Path(out) / "summary.json").read_text()).get("warm_start", {})
+        warm = json.loads((Path(out) / SUMMARY_FILE).read_text()).get("warm_start", {})
     report("seconds", **{k: warm[k] for k in WARM_START_SECONDS if k in warm})
 
 

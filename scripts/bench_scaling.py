@@ -33,6 +33,7 @@ from pathlib import Path
 from machine import cpu_model
 
 from essa import recipe as recipes
+from essa.run_dir import METRICS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ def run(recipe: str, sets: list[str], out: Path, tmp: Path) -> list[dict]:
     args = [sys.executable, "-m", "essa", "align", recipe, "--out", str(out)] + [a for s in sets for a in ("--set", s)]
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp)}
     subprocess.run(isolated(args), env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()][1:]
 
 
 def summarize(label: str, rows: list[dict], workers: int) -> dict:

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 from essa import extras
+from essa.run_dir import CHECKPOINTS, METRICS_FILE, SUMMARY_FILE, WARM_ADAPTER, WARM_START
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["strategy.population=4", "data.prompts_per_iteration=2", "generation.max_new_tokens=8",
@@ -42,13 +43,13 @@ QUICK = ["strategy.population=4", "data.prompts_per_iteration=2", "generation.ma
 
 def essa_curve(run_dir: Path) -> dict:
     """Held-out reward against cumulative training seconds, from essa's metrics.jsonl and summary.json."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     seconds, points = 0.0, []
     for row in rows:
         seconds += row.get("seconds_generate", 0.0) + row.get("seconds_score", 0.0) + row.get("seconds_update", 0.0)
         if row.get("heldout_reward") is not None:
             points.append({"step": row["iteration"], "seconds": seconds, "heldout_reward": row["heldout_reward"]})
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     return {"curve": points, "peak_rss_mb": summary["peak_memory_mb"], "train_seconds": seconds}
 
 
@@ -63,10 +64,10 @@ def sets(overrides: list[str]) -> list[str]:
 def run_essa(recipe: Path, overrides: list[str], out: Path) -> dict:
     result = out / "result.json"
     if not result.exists():
-        if not (out / "summary.json").exists():
+        if not (out / SUMMARY_FILE).exists():
             # an interrupted comparison continues its essa run
             essa_cli("align", str(recipe), "--out", str(out), *sets(overrides),
-                     *(["--resume"] if (out / "checkpoints").exists() else []))
+                     *(["--resume"] if (out / CHECKPOINTS).exists() else []))
         result.write_text(json.dumps(essa_curve(out), indent=1))
     return json.loads(result.read_text())
 
@@ -75,7 +76,7 @@ def grpo_start(overrides: list[str], essa_run: Path) -> list[str]:
     """GRPO starts where essa's search started: from essa's warm-start adapter when the recipe has a warm
     start, so that the comparison is of the two alignment stages (the warm start, the same for both, is
     outside the training-seconds budget)."""
-    adapter = essa_run / "warm_start" / "adapter"
+    adapter = essa_run / WARM_START / WARM_ADAPTER
     return overrides + (["warm_start.method=none", 'warm_start.repair=""', f"lora.adapter={adapter}"]
                         if (adapter / "adapter_config.json").is_file() else [])
 

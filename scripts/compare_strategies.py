@@ -35,6 +35,7 @@ from machine import cpu_model  # noqa: E402
 
 from essa import recipe as recipes  # noqa: E402
 from essa.cli import main as essa  # noqa: E402
+from essa.run_dir import CHECKPOINTS, METRICS_FILE, SUMMARY_FILE
 from essa.strategies import candidates_per_iteration  # noqa: E402
 
 STRATEGIES = {
@@ -62,16 +63,16 @@ def run_one(recipe: Path, overrides: list[str], out: Path, record: Path | None =
         saved = json.loads(record.read_text())
         if saved["overrides"] == overrides:
             return saved["rows"], saved["summary"]
-    metrics = out / "metrics.jsonl"
-    if not (out / "summary.json").exists():
-        resume = ["--resume"] if (out / "checkpoints").exists() else []
+    metrics = out / METRICS_FILE
+    if not (out / SUMMARY_FILE).exists():
+        resume = ["--resume"] if (out / CHECKPOINTS).exists() else []
         argv = ["align", str(recipe), "--out", str(out), *resume]
         for item in overrides:
             argv += ["--set", item]
         if essa(argv) != 0:
             raise SystemExit(f"essa align failed for {out}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     if record is not None:
         # Committed as each run finishes, so a campaign continues in a later session (runs/ is not kept).
         record.parent.mkdir(parents=True, exist_ok=True)

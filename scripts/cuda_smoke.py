@@ -28,6 +28,7 @@ from essa.data import load_splits, render
 from essa.engines import HFEngine
 from essa.export import load_run
 from essa.models import load_model, quantization_config
+from essa.run_dir import METRICS_FILE
 
 
 @torch.no_grad()
@@ -54,7 +55,7 @@ def check(model_dir: Path, work: Path, quantization: str, iterations: int, dtype
         argv += ["--set", f"{key}={json.dumps(value)}"]
     assert essa(argv) == 0
     assert essa(["export", str(run), "--adapter", str(adapter), "--center", "final"]) == 0
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
 
     loaded = load_run(run, "final")
     recipe, space = loaded.recipe, loaded.space

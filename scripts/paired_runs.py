@@ -21,10 +21,12 @@ from pathlib import Path
 
 from machine import cpu_model
 
+from essa.run_dir import METRICS_FILE, SUMMARY_FILE
+
 
 def side(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     tokens = sum(r.get("generated_tokens", 0) for r in rows)
     generate = sum(r.get("seconds_generate", 0.0) for r in rows)
     # With a warm start, the run's baseline is the fine-tuned adapter; the gain counts from the base model.
