@@ -82,7 +82,8 @@ def step(parts: Parts, strategy: Strategy, state: State) -> tuple[State, dict]:
     while state.iteration == start:
         members = strategy.ask(state)
         candidates = members if evaluations else np.concatenate([members, state.center[None]])
-        evaluation = parts.evaluator.evaluate(candidates, task)
+        # the center's completions draft the members' (essa/engines/draft.py), where the engine drafts
+        evaluation = parts.evaluator.evaluate(candidates, task, draft=None if evaluations else len(members))
         state = strategy.tell(state, evaluation.scores[:len(members)].mean(1))
         evaluations.append(evaluation)
         asked.append(members)
@@ -96,6 +97,8 @@ def step(parts: Parts, strategy: Strategy, state: State) -> tuple[State, dict]:
            "candidates": sum(len(e.scores) for e in evaluations),
            "sequences": sum(e.scores.size for e in evaluations), **timings,
            "tokens_per_s": timings["generated_tokens"] / timings["seconds_evaluate"],
+           "draft_acceptance": timings.get("draft_tokens", 0) / timings["member_tokens"] if "member_tokens" in timings
+           else 0.0,
            "seconds_update": seconds - timings["seconds_evaluate"]}
     if recipe.run.diagnose:
         row |= diagnose(parts, asked[0], rewards)

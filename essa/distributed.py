@@ -288,8 +288,10 @@ class RayEvaluator:
             raise
 
     def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
-                 on_chunk: OnChunk | None = None, on_rows: OnRows | None = None) -> Evaluation:
-        """`on_rows` is not called: the rows of a chunk finish in a worker, which reports the chunk."""
+                 on_chunk: OnChunk | None = None, on_rows: OnRows | None = None,
+                 draft: int | None = None) -> Evaluation:
+        """`on_rows` is not called: the rows of a chunk finish in a worker, which reports the chunk. `draft`
+        is not used: workers decode undrafted, as a drafted chunk would wait for the draft's chunks."""
         start, ray = time.perf_counter(), self.ray
         candidates = np.asarray(candidates, dtype=np.float32).reshape(-1, self.space.dim)
         n = len(task.prompts)

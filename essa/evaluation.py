@@ -57,8 +57,8 @@ class ChunkResult:
 
 
 def evaluate_chunk(engine: Engine, scorer: Scorer, candidates: torch.Tensor, task: Task, rows: Rows,
-                   keep_texts: bool, on_rows: OnRows | None = None) -> ChunkResult:
-    out = engine.generate_rows(candidates, task.rendered, rows, on_rows)
+                   keep_texts: bool, on_rows: OnRows | None = None, drafts: list[str] | None = None) -> ChunkResult:
+    out = engine.generate_rows(candidates, task.rendered, rows, on_rows, drafts)
     start = time.perf_counter()
     prompts, columns = task.rows(rows.prompts)
     scores, failures = scorer(prompts, out.texts, columns)
@@ -114,9 +114,21 @@ class Evaluator(Protocol):
     space: SVDSpace
 
     def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
-                 on_chunk: OnChunk | None = None, on_rows: OnRows | None = None) -> Evaluation: ...
+                 on_chunk: OnChunk | None = None, on_rows: OnRows | None = None,
+                 draft: int | None = None) -> Evaluation: ...
 
     def close(self) -> None: ...
+
+
+# A drafted chunk whose rows took fewer of their tokens from the drafts than this ends drafting for the
+# rest of the evaluation: the draft pass (about a prefill of the draft's length) no longer buys enough
+# decode steps (scripts/bench_population.py measures where the two meet).
+MIN_ACCEPTANCE = 0.25
+
+
+def renumbered(chunks: list[Rows], candidates: list[int]) -> list[Rows]:
+    """Chunks planned over `len(candidates)` candidates, with member i standing for `candidates[i]`."""
+    return [Rows(tuple(candidates[m] for m in rows.members), rows.prompts) for rows in chunks]
 
 
 class LocalEvaluator:
@@ -126,19 +138,45 @@ class LocalEvaluator:
         self.engine, self.scorer, self.space = engine, scorer, engine.space
 
     def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
-                 on_chunk: OnChunk | None = None, on_rows: OnRows | None = None) -> Evaluation:
+                 on_chunk: OnChunk | None = None, on_rows: OnRows | None = None,
+                 draft: int | None = None) -> Evaluation:
+        """`draft`: the candidate whose completions draft every other's, where the engine `drafts`
+        (essa/engines/draft.py): its rows go first, and the others verify its completions; drafting stops
+        for the rest of the evaluation after a chunk that took under `MIN_ACCEPTANCE` of its tokens
+        from the drafts."""
         start = time.perf_counter()
         candidates = torch.atleast_2d(torch.as_tensor(np.asarray(candidates, dtype=np.float32)))  # dim may be 0
-        n = len(task.prompts)
-        chunks = chunk_rows(len(candidates), task.lengths, self.engine.chunking(n))
-        results = []
+        n, chunking = len(task.prompts), self.engine.chunking(len(task.prompts))
+        drafted = draft is not None and self.engine.drafts and len(candidates) > 1
+        if drafted:
+            others = [m for m in range(len(candidates)) if m != draft]
+            first = renumbered(chunk_rows(1, task.lengths, chunking), [draft])
+            chunks = first + renumbered(chunk_rows(len(others), task.lengths, chunking), others)
+        else:
+            chunks = chunk_rows(len(candidates), task.lengths, chunking)
+        results, texts, member_tokens, drafting = [], [""] * n, 0, drafted
         if on_chunk:
             on_chunk(0, len(chunks))
-        for rows in chunks:
-            results.append(evaluate_chunk(self.engine, self.scorer, candidates, task, rows, keep_texts, on_rows))
+        for i, rows in enumerate(chunks):
+            leads = drafted and i < len(first)
+            drafts = [texts[j] for j in rows.prompts] if drafting and not leads else None
+            result = evaluate_chunk(self.engine, self.scorer, candidates, task, rows, keep_texts or leads, on_rows,
+                                    drafts)
+            if leads:
+                for j, text in zip(rows.prompts, result.texts):
+                    texts[j] = text
+                result.texts = result.texts if keep_texts else None
+            else:
+                member_tokens += result.tokens
+            if drafts is not None:
+                drafting = result.phases["draft_tokens"] >= MIN_ACCEPTANCE * result.tokens
+            results.append(result)
             if on_chunk:
                 on_chunk(len(results), len(chunks))
-        return assemble(chunks, results, len(candidates), n, time.perf_counter() - start)
+        evaluation = assemble(chunks, results, len(candidates), n, time.perf_counter() - start)
+        if drafted:
+            evaluation.extra["member_tokens"] = member_tokens
+        return evaluation
 
     def close(self) -> None:
         self.engine.close()

@@ -14,8 +14,9 @@ where each one is). Each row computes what `generate` computes for it, so greedy
 those of `generate` up to rounding. Rows that compute the same function (a population's rows of
 one candidate, k samples of one model: `groups`) share their prefill where their prompts do: the
 token prefix every prompt of a batch starts with (a chat template's system turn, a third to half
-of a short prompt) is prefilled once per group and each row prefills only the rest, and rows of
-one group with the same prompt are prefilled once. In float64 that is equal to `generate` (tested);
+of a short prompt) is prefilled once per group and each row prefills only the rest (in full-attention
+models: the padding it leaves mid-row would shift a sliding window), and rows of one group with the
+same prompt are prefilled once. In float64 that is equal to `generate` (tested);
 in reduced precision it rounds differently (attention sums over other lengths), which the
 numerics policy of benchmarks/history/speed.md judges by results. Sampling (temperature > 0, for the warm
 start's best-of-k samples) draws each active row's next token from softmax(logits / temperature)
@@ -25,6 +26,7 @@ with the caller's generator, so a seed gives the same samples.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -84,8 +86,9 @@ def prefill(model: PreTrainedModel, ids: Tensor, mask: Tensor, use_rows: Callabl
         return cache, mask[inverse], positions[inverse], logits[inverse]
     length, (leaders, group_of) = shared_prefix(ids, mask), distinct_rows(groups)
     # The prefix costs one more forward pass, about one decode step of every row: worth it when it
-    # saves more than a token per row.
-    if (len(ids) - len(leaders)) * length < len(ids):
+    # saves more than a token per row. It leaves padding between the prefix and each row's own tokens,
+    # which a sliding window would count as positions.
+    if (len(ids) - len(leaders)) * length < len(ids) or not full_attention(model.config):
         return prefill_rows(model, ids, mask)
     return prefill_after_prefix(model, ids, mask, length, leaders, group_of, use_rows)
 
@@ -174,6 +177,49 @@ def pick_tokens(logits: Tensor, temperature: float, generator: torch.Generator |
     return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
 
 
+@dataclass
+class Running:
+    """The rows still decoding: where each one's tokens go in the output (`active`, and `written`
+    tokens so far), the cache, mask and position ids of what each has seen, and the logits of its
+    next token."""
+
+    cache: Cache
+    mask: Tensor
+    positions: Tensor
+    logits: Tensor
+    active: Tensor
+    written: Tensor
+
+    @classmethod
+    def prefilled(cls, model: PreTrainedModel, ids: Tensor, mask: Tensor, use_rows: Callable[[Tensor], None],
+                  groups: Tensor | None) -> "Running":
+        """Every row of left-padded prompts, prefilled (`prefill_by_length`), nothing written yet."""
+        rows = torch.arange(len(ids), device=ids.device)
+        return cls(*prefill_by_length(model, ids, mask, use_rows, groups), rows, torch.zeros_like(rows))
+
+    def keep(self, index: Tensor) -> None:
+        self.mask, self.positions, self.active, self.written = (self.mask[index], self.positions[index],
+                                                                self.active[index], self.written[index])
+        self.cache.batch_select_indices(index)
+
+    def advance(self, model: PreTrainedModel, token: Tensor, running: Tensor,
+                use_rows: Callable[[Tensor], None]) -> bool:
+        """Drop the rows that are not `running`, feed each other row its `token`; False when none is left."""
+        if not running.all():
+            keep = running.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                return False
+            keep = fill_holes(keep, len(self.active))
+            self.keep(keep)
+            token = token[keep]
+            use_rows(self.active)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
+        self.positions = self.positions + 1
+        self.logits = model(input_ids=token[:, None], attention_mask=self.mask, position_ids=self.positions,
+                            past_key_values=self.cache, use_cache=True).logits[:, -1]
+        return True
+
+
 @torch.no_grad()
 def decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
            stop_ids: Tensor, pad_id: int, use_rows: Callable[[Tensor], None] = lambda rows: None,
@@ -185,28 +231,22 @@ def decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, ma
     change; `on_step(finished rows, tokens generated)` after every step, for progress. `groups`: see
     `prefill`."""
     new = torch.full((len(input_ids), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
-    cache, mask, positions, logits = prefill_by_length(model, input_ids, attention_mask, use_rows, groups)
-    active = torch.arange(len(input_ids), device=input_ids.device)
-    tokens = 0
-    for step in range(max_new_tokens):
-        token = pick_tokens(logits, temperature, generator)
-        new[active, step] = token
-        tokens += len(active)
+    state = Running.prefilled(model, input_ids, attention_mask, use_rows, groups)
+    return decode_running(model, new, state, stop_ids, use_rows, on_step, temperature, generator)
+
+
+def decode_running(model: PreTrainedModel, new: Tensor, state: Running, stop_ids: Tensor,
+                   use_rows: Callable[[Tensor], None], on_step: Callable[[int, int], None] | None = None,
+                   temperature: float = 0.0, generator: torch.Generator | None = None, tokens: int = 0) -> Tensor:
+    """Decode the `state`'s rows on into `new` until each has a stop token or fills its row; `tokens`:
+    generated before (for `on_step`)."""
+    while True:
+        token = pick_tokens(state.logits, temperature, generator)
+        new[state.active, state.written] = token
+        state.written = state.written + 1
+        tokens += len(state.active)
         if on_step:
-            on_step(len(input_ids) - len(active), tokens)
-        if step == max_new_tokens - 1:
-            break
-        running = ~torch.isin(token, stop_ids)
-        if not running.all():
-            keep = running.nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            keep = fill_holes(keep, len(active))
-            active, token, mask, positions = active[keep], token[keep], mask[keep], positions[keep]
-            cache.batch_select_indices(keep)
-            use_rows(active)
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        positions = positions + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits[:, -1]
-    return new
+            on_step(len(new) - len(state.active), tokens)
+        running = ~torch.isin(token, stop_ids) & (state.written < new.shape[1])
+        if not state.advance(model, token, running, use_rows):
+            return new

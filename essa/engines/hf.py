@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from essa.engines.attention import use_gqa_sdpa
 from essa.engines.decode import decode, distinct_rows
 from essa.engines.dense4bit import Dense4bit
+from essa.engines.draft import can_draft, decode_drafted
 from essa.engines.rows import Chunking, Generation, OnChunk, OnRows, Rows, RowsOutput, generate, prompt_lengths
 from essa.svd import SVDSpace
 
@@ -182,11 +183,14 @@ class HFEngine:
     at `temperature` > 0 from a generator seeded with `seed` (the warm start's best-of-k samples).
     `dense_4bit`: 4-bit CPU layers multiply through a bf16 copy of their dequantized weight
     (essa/engines/dense4bit.py); False keeps bitsandbytes' kernel. `time_terms`: each chunk's phases
-    hold `seconds_lora_terms`, the time spent in the per-row low-rank terms (benchmarks)."""
+    hold `seconds_lora_terms`, the time spent in the per-row low-rank terms (benchmarks). `speculative`:
+    greedy rows given a draft of their completion verify it in one pass (essa/engines/draft.py), where
+    the model allows it (`drafts`)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
                  max_new_tokens: int, batch_rows: int, batch_tokens: int = Chunking.tokens,
-                 temperature: float = 0.0, seed: int = 0, dense_4bit: bool = True, time_terms: bool = False) -> None:
+                 temperature: float = 0.0, seed: int = 0, dense_4bit: bool = True, time_terms: bool = False,
+                 speculative: bool = True) -> None:
         self.model, self.tokenizer, self.space = model, tokenizer, space
         self.max_new_tokens = max_new_tokens
         self.plan = Chunking(batch_rows, True, batch_tokens, max_new_tokens)
@@ -198,23 +202,36 @@ class HFEngine:
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.lora.device)
         self.temperature = temperature
         self.generator = torch.Generator(self.lora.device).manual_seed(seed) if temperature else None
+        self.drafts = speculative and not temperature and can_draft(model.config)
 
     def chunking(self, n_prompts: int) -> Chunking:
         return self.plan
 
     @torch.no_grad()
-    def generate_rows(self, candidates: Tensor, prompts: list[str], rows: Rows,
-                      on_rows: OnRows | None = None) -> RowsOutput:
+    def generate_rows(self, candidates: Tensor, prompts: list[str], rows: Rows, on_rows: OnRows | None = None,
+                      drafts: list[str] | None = None) -> RowsOutput:
+        """One chunk's completions; `drafts` (one text per row, where `self.drafts`): what each row is
+        expected to generate, verified rather than decoded where the row agrees with it."""
         start = time.perf_counter()
         members = torch.tensor(rows.members)
         self.lora.set_rows(candidates, members)
         batch = self.tokenizer([prompts[j] for j in rows.prompts], return_tensors="pt", padding=True,
                                add_special_tokens=False).to(self.lora.device)
-        new = decode(self.model, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
-                     self.stop_tensor, self.tokenizer.pad_token_id, self.lora.use_rows,
-                     on_rows and (lambda finished, tokens: on_rows(finished, len(rows), tokens)),
-                     self.temperature, self.generator, same_candidate(candidates, members).to(self.lora.device)).cpu()
-        phases = {"seconds_lora_terms": self.lora.term_seconds} if self.time_terms else {}
+        args = (self.model, batch["input_ids"], batch["attention_mask"])
+        tail = dict(use_rows=self.lora.use_rows,
+                    on_step=on_rows and (lambda finished, tokens: on_rows(finished, len(rows), tokens)),
+                    groups=same_candidate(candidates, members).to(self.lora.device))
+        phases = {}
+        if drafts is not None and self.drafts:
+            ids = self.tokenizer(drafts, add_special_tokens=False)["input_ids"]
+            new, phases["draft_tokens"] = decode_drafted(*args, ids, self.max_new_tokens, self.stop_tensor,
+                                                         self.tokenizer.pad_token_id, **tail)
+        else:
+            new = decode(*args, self.max_new_tokens, self.stop_tensor, self.tokenizer.pad_token_id,
+                         temperature=self.temperature, generator=self.generator, **tail)
+        new = new.cpu()
+        if self.time_terms:
+            phases["seconds_lora_terms"] = self.lora.term_seconds
         self.lora.term_seconds = 0.0
         return RowsOutput(self.tokenizer.batch_decode(new, skip_special_tokens=True),
                           int(count_generated(new, self.stop_ids).sum()), time.perf_counter() - start, phases)

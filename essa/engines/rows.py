@@ -41,7 +41,7 @@ class RowsOutput:
     texts: list[str]   # one completion per row
     tokens: int        # generated tokens, up to and including each row's end token
     seconds: float
-    phases: dict[str, float] = field(default_factory=dict)  # engine-specific timings, in seconds
+    phases: dict[str, float] = field(default_factory=dict)  # engine-specific seconds and token counts
 
 
 def add_up(timings: Iterable[dict[str, float]]) -> dict[str, float]:
@@ -100,14 +100,16 @@ class Generation:
 
 
 class Engine(Protocol):
-    """What every engine offers: its search space, its chunking and the generation of one chunk."""
+    """What every engine offers: its search space, its chunking and the generation of one chunk, with
+    drafts of the rows' completions where it `drafts` (essa/engines/draft.py)."""
 
     space: SVDSpace
+    drafts: bool
 
     def chunking(self, n_prompts: int) -> Chunking: ...
 
-    def generate_rows(self, candidates: Tensor, prompts: list[str], rows: Rows,
-                      on_rows: OnRows | None = None) -> RowsOutput: ...
+    def generate_rows(self, candidates: Tensor, prompts: list[str], rows: Rows, on_rows: OnRows | None = None,
+                      drafts: list[str] | None = None) -> RowsOutput: ...
 
     def close(self) -> None: ...
 

@@ -56,7 +56,10 @@ def memory_args(kv_cache_gb: float, gpu_memory_utilization: float, device: torch
 
 
 class VLLMEngine:
-    """Evaluate populations as hot-swapped LoRA adapters in one vLLM `generate` per chunk."""
+    """Evaluate populations as hot-swapped LoRA adapters in one vLLM `generate` per chunk. It does not
+    draft members from the center (vLLM's speculative decoding takes a separate draft model)."""
+
+    drafts = False
 
     def __init__(self, source: str, space: SVDSpace, max_new_tokens: int,
                  dtype: torch.dtype, quantization: str, max_loras: int, memory: dict, max_model_len: int,
@@ -101,8 +104,9 @@ class VLLMEngine:
         return Chunking(self.max_loras * n_prompts)
 
     def generate_rows(self, candidates: torch.Tensor, prompts: list[str], rows: Rows,
-                      on_rows: OnRows | None = None) -> RowsOutput:
-        """One vLLM call; `on_rows` is not called (vLLM reports no progress inside a call)."""
+                      on_rows: OnRows | None = None, drafts: list[str] | None = None) -> RowsOutput:
+        """One vLLM call; `on_rows` is not called (vLLM reports no progress inside a call), and `drafts`
+        is never given (`drafts` is False)."""
         start = time.perf_counter()
         members = sorted(set(rows.members))
         requests, write, load = self._load_adapters(candidates[members])
