@@ -120,10 +120,14 @@ class Evaluator(Protocol):
     def close(self) -> None: ...
 
 
-# A drafted chunk whose rows took fewer of their tokens from the drafts than this ends drafting for the
-# rest of the evaluation: the draft pass (about a prefill of the draft's length) no longer buys enough
-# decode steps (scripts/bench_population.py measures where the two meet).
-MIN_ACCEPTANCE = 0.25
+# Drafting pays where verifying a draft costs less than decoding it: on a GPU a decode step is bound
+# by reading the weights, and a pass over a whole draft costs about one step; on 2 CPU cores a
+# population's decode is already compute-bound, a pass over a draft runs only about twice as fast
+# per token, and the center's own rows decode alone first (benchmarks/drafted-members/). So the
+# evaluator measures instead of assuming: it tries both, keeps the faster, and tries the other
+# again every `RETRY` population evaluations (the population's spread, and so the drafts'
+# acceptance, changes as the search goes).
+RETRY = 8
 
 
 def renumbered(chunks: list[Rows], candidates: list[int]) -> list[Rows]:
@@ -136,30 +140,41 @@ class LocalEvaluator:
 
     def __init__(self, engine: Engine, scorer: Scorer) -> None:
         self.engine, self.scorer, self.space = engine, scorer, engine.space
+        self.pace: dict[bool, float] = {}  # tokens/s of the latest drafted (True) and undrafted population
+        self.choices = 0
+
+    def drafts(self) -> bool:
+        """Whether the next population is drafted: each way is tried once, then the faster one is kept,
+        the other tried again every `RETRY` times."""
+        for way in (True, False):
+            if way not in self.pace:
+                return way
+        self.choices += 1
+        return (self.pace[True] >= self.pace[False]) != (self.choices % RETRY == 0)
 
     def evaluate(self, candidates: np.ndarray, task: Task, keep_texts: bool = False,
                  on_chunk: OnChunk | None = None, on_rows: OnRows | None = None,
                  draft: int | None = None) -> Evaluation:
-        """`draft`: the candidate whose completions draft every other's, where the engine `drafts`
-        (essa/engines/draft.py): its rows go first, and the others verify its completions; drafting stops
-        for the rest of the evaluation after a chunk that took under `MIN_ACCEPTANCE` of its tokens
-        from the drafts."""
+        """`draft`: the candidate whose completions may draft every other's, where the engine `drafts`
+        (essa/engines/draft.py) and it has been the faster way (`drafts`): its rows go first, and the
+        others verify its completions."""
         start = time.perf_counter()
         candidates = torch.atleast_2d(torch.as_tensor(np.asarray(candidates, dtype=np.float32)))  # dim may be 0
         n, chunking = len(task.prompts), self.engine.chunking(len(task.prompts))
-        drafted = draft is not None and self.engine.drafts and len(candidates) > 1
+        timed = draft is not None and self.engine.drafts and len(candidates) > 1
+        drafted = timed and self.drafts()
         if drafted:
             others = [m for m in range(len(candidates)) if m != draft]
             first = renumbered(chunk_rows(1, task.lengths, chunking), [draft])
             chunks = first + renumbered(chunk_rows(len(others), task.lengths, chunking), others)
         else:
             chunks = chunk_rows(len(candidates), task.lengths, chunking)
-        results, texts, member_tokens, drafting = [], [""] * n, 0, drafted
+        results, texts, member_tokens = [], [""] * n, 0
         if on_chunk:
             on_chunk(0, len(chunks))
         for i, rows in enumerate(chunks):
             leads = drafted and i < len(first)
-            drafts = [texts[j] for j in rows.prompts] if drafting and not leads else None
+            drafts = [texts[j] for j in rows.prompts] if drafted and not leads else None
             result = evaluate_chunk(self.engine, self.scorer, candidates, task, rows, keep_texts or leads, on_rows,
                                     drafts)
             if leads:
@@ -168,12 +183,12 @@ class LocalEvaluator:
                 result.texts = result.texts if keep_texts else None
             else:
                 member_tokens += result.tokens
-            if drafts is not None:
-                drafting = result.phases["draft_tokens"] >= MIN_ACCEPTANCE * result.tokens
             results.append(result)
             if on_chunk:
                 on_chunk(len(results), len(chunks))
         evaluation = assemble(chunks, results, len(candidates), n, time.perf_counter() - start)
+        if timed:
+            self.pace[drafted] = evaluation.tokens / evaluation.seconds
         if drafted:
             evaluation.extra["member_tokens"] = member_tokens
         return evaluation

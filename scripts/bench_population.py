@@ -14,13 +14,21 @@ against:
   timed on a [P·B, 1, in] input; rows / their summed seconds is the decode-step ceiling in tokens/s
   if attention, norms, sampling and prefill cost nothing.
 
+With `--drafted`, the population is P members at `--sigmas` around `--adapter` (a warm start's
+PEFT adapter; the base model's principal directions without one) plus their center, evaluated as
+`essa align` evaluates it (the evaluator, scored by a reward that costs nothing): undrafted
+(`generation.speculative = false`) and drafted from the center's completions (essa/engines/draft.py),
+with the share of member tokens taken from the drafts. Their tokens/s are effective: all rows'
+generated tokens over the call's seconds.
+
 Each measurement is warmed up, then they are measured alternately `--repeats` times and the best
 of each is kept. For the HF engine on a CPU also the share of a population call spent in the
 per-row low-rank terms; for the vLLM engine the seconds spent writing and loading adapters.
 
     python scripts/bench_population.py [--engines hf,vllm] [--precisions fp32,bf16,int8,nf4]
         [--shapes 8x8x48,16x16x128] [--prompts format-instructions | ifeval] [--no-generate-baseline]
-        [--model smollm2-135m-instruct | --random qwen2.5-1.5b] [--quick] [--json out.json] [--plot out.png]
+        [--model smollm2-135m-instruct | --random qwen2.5-1.5b] [--drafted --adapter DIR --sigmas 0.01,0.1]
+        [--quick] [--json out.json] [--plot out.png]
 
 `--prompts ifeval` takes real IFEval prompts (../shared/data) in the chat template with the IFEval
 recipe's system prompt: 37 to 381 tokens each (median 67), where the quickstart's format
@@ -51,9 +59,12 @@ from essa.data import load_splits, render
 from essa.engines import HFEngine
 from essa.engines.dense4bit import Dense4bit, wraps
 from essa.engines.hf import count_generated, stop_token_ids
+from essa.engines.rows import prompt_lengths
 from essa.errors import EssaError
+from essa.evaluation import LocalEvaluator, Task
 from essa.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from essa.recipe import DataSection, GenerationSection, ModelSection
+from essa.scoring import Scorer
 from essa.svd import SVDSpace, build_space
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -84,8 +95,14 @@ class Shape(NamedTuple):
         return f"{self.population}x{self.prompts}x{self.tokens}"
 
 
-def candidates(dim: int, population: int) -> torch.Tensor:
-    return torch.randn(population, dim, generator=torch.Generator().manual_seed(0)) * 0.5
+def candidates(dim: int, population: int, sigma: float = 0.5) -> torch.Tensor:
+    return torch.randn(population, dim, generator=torch.Generator().manual_seed(0)) * sigma
+
+
+def zero_reward(directory: Path) -> Scorer:
+    """A scorer whose reward costs nothing, so an evaluation's seconds are its generation's."""
+    (directory / "zero.py").write_text("def reward(prompts, completions, **_):\n    return [0.0] * len(completions)\n")
+    return Scorer.from_recipe(f"{directory / 'zero.py'}:reward", [], {})
 
 
 def best_of(repeats: int, measures: dict[str, Callable[[], tuple[int, float]]]) -> dict[str, float]:
@@ -129,11 +146,12 @@ def roofline(model: torch.nn.Module, rows: int, repeats: int) -> dict:
 
 
 def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, shape: Shape, rank: int,
-             repeats: int, with_generate: bool = True) -> dict:
+             repeats: int, with_generate: bool = True, drafted: bool = False, adapter: str = "",
+             sigma: float = 0.5) -> dict:
     model, tokenizer = load_model(cfg)
     prompts = render(tokenizer, prompts_raw[:shape.prompts], section)
     # Before any forward pass: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights at the first one.
-    space = build_space(model, rank, 0, TARGETS, "", 1.0)
+    space = build_space(model, rank, 0, TARGETS, adapter, 1.0)
     rows = [p for _ in range(shape.population) for p in prompts]
     batch = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
 
@@ -171,18 +189,40 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, sh
         hf.close()
         return gen.phases["seconds_lora_terms"] / gen.seconds
 
-    measures = {"population": population_call} | ({"generate": base} if with_generate else {})
-    if any(map(wraps, model.modules())):  # the engine's 4-bit path beside bitsandbytes' kernel alone
-        measures["bnb_kernel"] = lambda: population_call(False)
-    for measure in measures.values():  # warm-up: first-call allocations, kernel selection, 4-bit repacking
-        measure()
-    best = best_of(repeats, measures)
+    acceptance: list[float] = []
+
+    def evaluated(scorer: Scorer, draft: bool) -> tuple[int, float]:
+        """The members and their center (the last candidate) as `essa align` evaluates them."""
+        hf = engine()
+        members = candidates(space.dim, shape.population, sigma)
+        task = Task(prompts, prompts, {}, prompt_lengths(tokenizer, prompts))
+        evaluation = LocalEvaluator(hf, scorer).evaluate(torch.cat([members, torch.zeros(1, space.dim)]).numpy(), task,
+                                                         draft=shape.population if draft else None)
+        hf.close()
+        if draft:
+            acceptance.append(evaluation.phases.get("draft_tokens", 0) / evaluation.extra["member_tokens"])
+        return evaluation.tokens, evaluation.seconds
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scorer = zero_reward(Path(tmp)) if drafted else None
+        measures = ({"population": lambda: evaluated(scorer, False), "drafted": lambda: evaluated(scorer, True)}
+                    if drafted else {"population": population_call}) | ({"generate": base} if with_generate else {})
+        if any(map(wraps, model.modules())) and not drafted:  # the engine's 4-bit path beside bitsandbytes' kernel
+            measures["bnb_kernel"] = lambda: population_call(False)
+        for measure in measures.values():  # warm-up: first-call allocations, kernel selection, 4-bit repacking
+            measure()
+        acceptance.clear()
+        best = best_of(repeats, measures)
+        if scorer:
+            scorer.close()
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     dense = Dense4bit(model)  # the layers as the engine multiplies them
     ceiling = roofline(model, min(shape.rows, 256), repeats)
     dense.restore()
     return {"generate_tokens_per_s": best.get("generate"), "population_tokens_per_s": best["population"],
-            "population_bnb_kernel_tokens_per_s": best.get("bnb_kernel"),
+            "population_bnb_kernel_tokens_per_s": best.get("bnb_kernel"), "sigma": sigma,
+            "drafted_tokens_per_s": best.get("drafted"),
+            "draft_acceptance": sum(acceptance) / len(acceptance) if acceptance else None,
             **ceiling, "search_dim": space.dim, "peak_gpu_mb": peak, "term_share": term_share()}
 
 
@@ -250,8 +290,12 @@ def run(args: argparse.Namespace, model: str) -> list[dict]:
                 print(f"measuring {engine} {precision} at {shape} ...", flush=True)
                 try:
                     if engine == "hf":
-                        row = bench_hf(cfg, heldout.prompts(), section, shape, args.rank, args.repeats,
-                                       args.generate_baseline)
+                        for sigma in map(float, args.sigmas.split(",")):
+                            rows[shape].append({"engine": engine, "precision": precision, "shape": str(shape),
+                                                "prompts": args.prompts, "adapter": args.adapter,
+                                                **bench_hf(cfg, heldout.prompts(), section, shape, args.rank,
+                                                           args.repeats, args.generate_baseline, args.drafted,
+                                                           args.adapter, sigma)})
                     else:
                         row = bench_vllm(cfg, heldout.prompts(), section, shape, args.rank, args.repeats,
                                          "vllm" in engines)
@@ -260,7 +304,7 @@ def run(args: argparse.Namespace, model: str) -> list[dict]:
                     continue
                 if engine == "vllm":
                     vllm_base[shape][precision] = row["vllm_tokens_per_s"]
-                if engine in engines:
+                if engine in engines and engine != "hf":
                     rows[shape].append({"engine": engine, "precision": precision, "shape": str(shape),
                                         "prompts": args.prompts, **row})
                 if torch.cuda.is_available():
@@ -280,6 +324,10 @@ def with_ratios(rows: list[dict], vllm_base: dict[str, float]) -> list[dict]:
         for baseline in ("generate", "vllm_base", "roofline"):
             value = row.get(f"{baseline}_tokens_per_s")
             row[f"ratio_to_{baseline}"] = row["population_tokens_per_s"] / value if value else None
+        drafted = row.get("drafted_tokens_per_s")
+        row["drafted_ratio_to_undrafted"] = drafted / row["population_tokens_per_s"] if drafted else None
+        base = row["vllm_base_tokens_per_s"]
+        row["drafted_ratio_to_vllm_base"] = drafted / base if drafted and base else None
     return rows
 
 
@@ -293,15 +341,17 @@ COLUMNS = [("population tok/s", "population_tokens_per_s", 1), ("bnb kernel", "p
            ("/generate", "ratio_to_generate", 3), ("/vllm", "ratio_to_vllm_base", 3),
            ("/roofline", "ratio_to_roofline", 3), ("term share", "term_share", 3),
            ("adapter write s", "seconds_adapter_write_per_iteration", 3),
-           ("adapter load s", "seconds_adapter_load_per_iteration", 3)]
+           ("adapter load s", "seconds_adapter_load_per_iteration", 3),
+           ("drafted tok/s", "drafted_tokens_per_s", 1), ("acceptance", "draft_acceptance", 3),
+           ("drafted/undrafted", "drafted_ratio_to_undrafted", 3), ("drafted/vllm", "drafted_ratio_to_vllm_base", 3)]
 
 
 def print_table(results: list[dict], header: str) -> None:
     print(header)
-    print(f"{'shape':<11}{'engine':<8}{'precision':<11}"
+    print(f"{'shape':<11}{'engine':<8}{'precision':<11}{'sigma':<7}"
           + "".join(f"{name:>{len(name) + 2}}" for name, _, _ in COLUMNS))
     for r in results:
-        print(f"{r['shape']:<11}{r['engine']:<8}{r['precision']:<11}"
+        print(f"{r['shape']:<11}{r['engine']:<8}{r['precision']:<11}{r.get('sigma', ''):<7}"
               + "".join(cell(r, key, len(name) + 2, digits) for name, key, digits in COLUMNS))
 
 
@@ -351,6 +401,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto", help="model.device")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
     parser.add_argument("--repeats", type=int, default=2, help="alternating measurements of each; best is kept")
+    parser.add_argument("--drafted", action="store_true",
+                        help="the members and their center, undrafted and drafted from the center's completions")
+    parser.add_argument("--adapter", default="", help="a PEFT adapter (a warm start's) the members are spread around")
+    parser.add_argument("--sigmas", default="0.5", help="comma-separated: the members' offsets (HF engine)")
     parser.add_argument("--quick", action="store_true", help="one 4x2x8 shape, 1 repeat: a check that it runs")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="also draw the results here (PNG)")

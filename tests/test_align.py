@@ -135,8 +135,9 @@ def test_undrafted_run_follows_the_drafted_one(finished_run, tiny_recipe, tmp_pa
     assert main(["align", str(tiny_recipe(generation={"speculative": False})), "--out", str(run)]) == 0
     drafted, plain = ([json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()][1:]
                       for r in (finished_run, run))
-    assert all(0 < r["draft_tokens"] <= r["member_tokens"] for r in drafted)
-    assert all(0 < r["draft_acceptance"] <= 1 for r in drafted)
+    # the first population is drafted, the second not (each way timed once), then the faster way
+    assert 0 < drafted[0]["draft_tokens"] <= drafted[0]["member_tokens"] and drafted[1]["draft_acceptance"] == 0
+    assert all(0 <= r["draft_acceptance"] <= 1 for r in drafted)
     assert all(r["draft_acceptance"] == 0 and "draft_tokens" not in r for r in plain)
     for key in ("reward_mean", "reward_max", "center_reward", "diverged_share", "generated_tokens"):
         assert [r[key] for r in drafted] == [r[key] for r in plain], key

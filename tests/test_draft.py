@@ -131,6 +131,14 @@ def test_drafted_members_equal_undrafted_in_float32(tiny_model_dir):
     assert drafted.phases["draft_tokens"] > 0
 
 
+def length_evaluator(engine, tokenizer, tmp_path) -> tuple[LocalEvaluator, Task]:
+    """The engine's evaluator with a reward that scores a completion by its length, and the CHAT prompts."""
+    (tmp_path / "length.py").write_text(
+        "def reward(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    scorer = Scorer.from_recipe(f"{tmp_path / 'length.py'}:reward", [], {})
+    return LocalEvaluator(engine, scorer), Task(CHAT, CHAT, {}, prompt_lengths(tokenizer, CHAT))
+
+
 def test_evaluator_drafts_members_from_the_center_and_scores_them_alike(tiny_model_dir, tmp_path, monkeypatch):
     model, tokenizer, space, candidates = population(tiny_model_dir)
     engine = HFEngine(model, tokenizer, space, max_new_tokens=NEW_TOKENS, batch_rows=10)
@@ -138,10 +146,7 @@ def test_evaluator_drafts_members_from_the_center_and_scores_them_alike(tiny_mod
     generate_rows = engine.generate_rows
     monkeypatch.setattr(engine, "generate_rows", lambda *args, **kw: calls.append(args[-1] is not None)
                         or generate_rows(*args, **kw))
-    (tmp_path / "length.py").write_text(
-        "def reward(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
-    evaluator = LocalEvaluator(engine, Scorer.from_recipe(f"{tmp_path / 'length.py'}:reward", [], {}))
-    work = Task(CHAT, CHAT, {}, prompt_lengths(tokenizer, CHAT))
+    evaluator, work = length_evaluator(engine, tokenizer, tmp_path)
     drafted = evaluator.evaluate(candidates.numpy(), work, keep_texts=True, draft=len(candidates) - 1)
     plain = evaluator.evaluate(candidates.numpy(), work, keep_texts=True)
     assert drafted.completions == plain.completions
@@ -150,10 +155,21 @@ def test_evaluator_drafts_members_from_the_center_and_scores_them_alike(tiny_mod
     assert 0 < drafted.phases["draft_tokens"] <= drafted.extra["member_tokens"] < drafted.tokens
     assert "member_tokens" not in plain.extra and "draft_tokens" not in plain.phases
     assert calls[:len(calls) // 2].count(True) > 1, "members' chunks were drafted"
-    # a chunk that takes too little from its drafts ends drafting for the rest of the evaluation
-    calls.clear()
-    monkeypatch.setattr(evaluation_module, "MIN_ACCEPTANCE", 1.01)
-    fallback = evaluator.evaluate(candidates.numpy(), work, keep_texts=True, draft=len(candidates) - 1)
-    assert fallback.completions == plain.completions
-    assert calls.count(True) == 1 and len(calls) > 2
+    assert set(evaluator.pace) == {True}, "an undrafted population was not asked for a draft: not timed"
+    evaluator.close()
+
+
+def test_evaluator_tries_both_ways_then_keeps_the_faster(tiny_model_dir, tmp_path, monkeypatch):
+    model, tokenizer, space, candidates = population(tiny_model_dir)
+    engine = HFEngine(model, tokenizer, space, max_new_tokens=NEW_TOKENS, batch_rows=256)
+    evaluator, work = length_evaluator(engine, tokenizer, tmp_path)
+    drafted = [bool(evaluator.evaluate(candidates.numpy(), work, draft=len(candidates) - 1).extra)
+               for _ in range(2)]
+    assert drafted == [True, False] and set(evaluator.pace) == {True, False}
+    evaluator.pace = {True: 2.0, False: 1.0}  # drafting measured faster: kept, undrafted tried every RETRY-th time
+    choices = [evaluator.drafts() for _ in range(2 * evaluation_module.RETRY)]
+    assert choices.count(False) == 2 and choices[evaluation_module.RETRY - 1] is False
+    evaluator.pace = {True: 1.0, False: 2.0}
+    choices = [evaluator.drafts() for _ in range(2 * evaluation_module.RETRY)]
+    assert choices.count(True) == 2
     evaluator.close()
