@@ -119,6 +119,21 @@ def test_bench_population_can_skip_plain_generate(tiny_model_dir):
     assert row["population_tokens_per_s"] > 0
 
 
+def test_bench_population_drafted_measures_both_ways_per_sigma(tiny_model_dir):
+    report = script("bench_population").main(["--model", str(tiny_model_dir), "--quick", "--precisions", "fp32",
+                                              "--no-vllm-baseline", "--no-generate-baseline", "--drafted",
+                                              "--sigmas", "0.0,3.0"])
+    near, far = report["results"]
+    assert (near["sigma"], far["sigma"]) == (0.0, 3.0)
+    for row in (near, far):
+        assert row["population_tokens_per_s"] > 0 and row["drafted_tokens_per_s"] > 0
+        assert row["drafted_ratio_to_undrafted"] == pytest.approx(row["drafted_tokens_per_s"]
+                                                                  / row["population_tokens_per_s"])
+    # members equal to their center take from its drafts all the tokens that its text re-tokenizes to
+    # (a random model's text does not always); members far from it take fewer
+    assert near["draft_acceptance"] > far["draft_acceptance"]
+
+
 @pytest.mark.parametrize("shape, billions", [("qwen2.5-0.5b", 0.494), ("qwen2.5-1.5b", 1.544), ("qwen2.5-7b", 7.616)])
 def test_random_models_have_the_published_parameter_counts(shape, billions):
     config = script("random_models").config_for(shape, vocab_size=0)
