@@ -64,7 +64,7 @@ def build_parts(recipe: Recipe, run_dir: Path, inputs: Inputs, console: Console)
         tokenizer = load_tokenizer(resolve_source(recipe.model.name_or_path))
     else:
         engine, tokenizer = load_engine(recipe, run_dir)
-        evaluator = LocalEvaluator(engine, inputs.scorer)
+        evaluator = LocalEvaluator(engine, inputs.scorer, recipe.generation.speculative)
     return Parts(recipe, evaluator, tokenizer, inputs.train, Task.of(tokenizer, inputs.heldout, recipe.data),
                  inputs.scorer)
 

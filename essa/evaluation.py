@@ -123,11 +123,13 @@ class Evaluator(Protocol):
 # Drafting pays where verifying a draft costs less than decoding it: on a GPU a decode step is bound
 # by reading the weights, and a pass over a whole draft costs about one step; on 2 CPU cores a
 # population's decode is already compute-bound, a pass over a draft runs only about twice as fast
-# per token, and the center's own rows decode alone first (benchmarks/drafted-members/). So the
-# evaluator measures instead of assuming: it tries both, keeps the faster, and tries the other
-# again every `RETRY` population evaluations (the population's spread, and so the drafts'
-# acceptance, changes as the search goes).
-RETRY = 8
+# per token, and the center's rows decode alone first: drafted populations ran at 0.46-0.67x
+# (benchmarks/drafted-members/). So the evaluator measures instead of assuming: it keeps the way
+# that was faster and tries the other every `RETRY`-th population (the population's spread, and so
+# the drafts' acceptance, changes as the search goes). An engine that `drafts_first` tries both ways
+# at once; one that does not (on a CPU) starts undrafted, as if drafting had been measured slower,
+# so a run shorter than `RETRY` populations never pays for the try.
+RETRY = 32
 
 
 def renumbered(chunks: list[Rows], candidates: list[int]) -> list[Rows]:
@@ -136,16 +138,21 @@ def renumbered(chunks: list[Rows], candidates: list[int]) -> list[Rows]:
 
 
 class LocalEvaluator:
-    """This process's engine and scorer, chunk after chunk."""
+    """This process's engine and scorer, chunk after chunk. `speculative` (`generation.speculative`):
+    whether populations are drafted from their center, where the engine `drafts`: always (True),
+    never (False), or where measured faster ("auto", `drafts`)."""
 
-    def __init__(self, engine: Engine, scorer: Scorer) -> None:
-        self.engine, self.scorer, self.space = engine, scorer, engine.space
-        self.pace: dict[bool, float] = {}  # tokens/s of the latest drafted (True) and undrafted population
+    def __init__(self, engine: Engine, scorer: Scorer, speculative: bool | str = "auto") -> None:
+        self.engine, self.scorer, self.space, self.speculative = engine, scorer, engine.space, speculative
+        # tokens/s of the latest drafted (True) and undrafted population
+        self.pace: dict[bool, float] = {} if engine.drafts_first else {True: 0.0}
         self.choices = 0
 
     def drafts(self) -> bool:
-        """Whether the next population is drafted: each way is tried once, then the faster one is kept,
-        the other tried again every `RETRY` times."""
+        """Whether the next population is drafted: as `speculative` says; for "auto", each way not yet
+        timed is tried, then the faster one is kept and the other tried again every `RETRY`-th time."""
+        if self.speculative != "auto":
+            return bool(self.speculative)
         for way in (True, False):
             if way not in self.pace:
                 return way
@@ -156,12 +163,12 @@ class LocalEvaluator:
                  on_chunk: OnChunk | None = None, on_rows: OnRows | None = None,
                  draft: int | None = None) -> Evaluation:
         """`draft`: the candidate whose completions may draft every other's, where the engine `drafts`
-        (essa/engines/draft.py) and it has been the faster way (`drafts`): its rows go first, and the
-        others verify its completions."""
+        (essa/engines/draft.py) and `drafts()` says so: its rows go first, and the others verify its
+        completions."""
         start = time.perf_counter()
         candidates = torch.atleast_2d(torch.as_tensor(np.asarray(candidates, dtype=np.float32)))  # dim may be 0
         n, chunking = len(task.prompts), self.engine.chunking(len(task.prompts))
-        timed = draft is not None and self.engine.drafts and len(candidates) > 1
+        timed = draft is not None and self.engine.drafts and len(candidates) > 1 and self.speculative is not False
         drafted = timed and self.drafts()
         if drafted:
             others = [m for m in range(len(candidates)) if m != draft]

@@ -144,7 +144,7 @@ class GenerationSection:
     batch_rows: int = positive(256, 10**6)
     batch_tokens: int = positive(32768, 10**9)
     dense_4bit: bool = True
-    speculative: bool = True
+    speculative: bool | Literal["auto"] = "auto"
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow"]

@@ -17,7 +17,7 @@ against:
 With `--drafted`, the population is P members at `--sigmas` around `--adapter` (a warm start's
 PEFT adapter; the base model's principal directions without one) plus their center, evaluated as
 `essa align` evaluates it (the evaluator, scored by a reward that costs nothing): undrafted
-(`generation.speculative = false`) and drafted from the center's completions (essa/engines/draft.py),
+(`generation.speculative = false`) and drafted (`true`) from the center's completions (essa/engines/draft.py),
 with the share of member tokens taken from the drafts. Their tokens/s are effective: all rows'
 generated tokens over the call's seconds.
 
@@ -194,10 +194,10 @@ def bench_hf(cfg: ModelSection, prompts_raw: list[str], section: DataSection, sh
     def evaluated(scorer: Scorer, draft: bool) -> tuple[int, float]:
         """The members and their center (the last candidate) as `essa align` evaluates them."""
         hf = engine()
-        members = candidates(space.dim, shape.population, sigma)
+        members = torch.cat([candidates(space.dim, shape.population, sigma), torch.zeros(1, space.dim)])
         task = Task(prompts, prompts, {}, prompt_lengths(tokenizer, prompts))
-        evaluation = LocalEvaluator(hf, scorer).evaluate(torch.cat([members, torch.zeros(1, space.dim)]).numpy(), task,
-                                                         draft=shape.population if draft else None)
+        evaluation = LocalEvaluator(hf, scorer, draft).evaluate(members.numpy(), task,
+                                                                draft=shape.population if draft else None)
         hf.close()
         if draft:
             acceptance.append(evaluation.phases.get("draft_tokens", 0) / evaluation.extra["member_tokens"])

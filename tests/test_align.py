@@ -129,19 +129,20 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_recipe, tmp_path,
     assert np.array_equal(center(run, 4), center(finished_run, 4))
 
 
-def test_undrafted_run_follows_the_drafted_one(finished_run, tiny_recipe, tmp_path):
-    """`generation.speculative = false`: the same rewards and centers, nothing taken from drafts."""
-    run = tmp_path / "undrafted"
-    assert main(["align", str(tiny_recipe(generation={"speculative": False})), "--out", str(run)]) == 0
-    drafted, plain = ([json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()][1:]
-                      for r in (finished_run, run))
-    # the first population is drafted, the second not (each way timed once), then the faster way
-    assert 0 < drafted[0]["draft_tokens"] <= drafted[0]["member_tokens"] and drafted[1]["draft_acceptance"] == 0
-    assert all(0 <= r["draft_acceptance"] <= 1 for r in drafted)
-    assert all(r["draft_acceptance"] == 0 and "draft_tokens" not in r for r in plain)
+def test_drafted_run_follows_the_undrafted_one(finished_run, tiny_recipe, tmp_path):
+    """`generation.speculative` true (every population drafted) and false: the same rewards and centers as
+    "auto" (which on a CPU drafts no population of a run this short)."""
+    runs = {way: tmp_path / str(way) for way in (True, False)}
+    for way, run in runs.items():
+        assert main(["align", str(tiny_recipe(generation={"speculative": way})), "--out", str(run)]) == 0
+    drafted, plain, auto = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+                            for run in (runs[True], runs[False], finished_run))
+    assert all(0 < r["draft_tokens"] <= r["member_tokens"] and 0 < r["draft_acceptance"] <= 1 for r in drafted)
+    assert all(r["draft_acceptance"] == 0 and "draft_tokens" not in r for r in plain + auto)
     for key in ("reward_mean", "reward_max", "center_reward", "diverged_share", "generated_tokens"):
-        assert [r[key] for r in drafted] == [r[key] for r in plain], key
-    assert np.array_equal(center(run, 4), center(finished_run, 4))
+        assert [r[key] for r in drafted] == [r[key] for r in plain] == [r[key] for r in auto], key
+    assert np.array_equal(center(runs[True], 4), center(runs[False], 4))
+    assert np.array_equal(center(runs[True], 4), center(finished_run, 4))
 
 
 def test_existing_run_needs_resume(finished_run, tiny_recipe, capsys):

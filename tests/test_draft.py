@@ -131,12 +131,12 @@ def test_drafted_members_equal_undrafted_in_float32(tiny_model_dir):
     assert drafted.phases["draft_tokens"] > 0
 
 
-def length_evaluator(engine, tokenizer, tmp_path) -> tuple[LocalEvaluator, Task]:
+def length_evaluator(engine, tokenizer, tmp_path, speculative="auto") -> tuple[LocalEvaluator, Task]:
     """The engine's evaluator with a reward that scores a completion by its length, and the CHAT prompts."""
     (tmp_path / "length.py").write_text(
         "def reward(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
     scorer = Scorer.from_recipe(f"{tmp_path / 'length.py'}:reward", [], {})
-    return LocalEvaluator(engine, scorer), Task(CHAT, CHAT, {}, prompt_lengths(tokenizer, CHAT))
+    return LocalEvaluator(engine, scorer, speculative), Task(CHAT, CHAT, {}, prompt_lengths(tokenizer, CHAT))
 
 
 def test_evaluator_drafts_members_from_the_center_and_scores_them_alike(tiny_model_dir, tmp_path, monkeypatch):
@@ -146,7 +146,7 @@ def test_evaluator_drafts_members_from_the_center_and_scores_them_alike(tiny_mod
     generate_rows = engine.generate_rows
     monkeypatch.setattr(engine, "generate_rows", lambda *args, **kw: calls.append(args[-1] is not None)
                         or generate_rows(*args, **kw))
-    evaluator, work = length_evaluator(engine, tokenizer, tmp_path)
+    evaluator, work = length_evaluator(engine, tokenizer, tmp_path, speculative=True)
     drafted = evaluator.evaluate(candidates.numpy(), work, keep_texts=True, draft=len(candidates) - 1)
     plain = evaluator.evaluate(candidates.numpy(), work, keep_texts=True)
     assert drafted.completions == plain.completions
@@ -159,17 +159,21 @@ def test_evaluator_drafts_members_from_the_center_and_scores_them_alike(tiny_mod
     evaluator.close()
 
 
-def test_evaluator_tries_both_ways_then_keeps_the_faster(tiny_model_dir, tmp_path, monkeypatch):
+def test_evaluator_tries_both_ways_then_keeps_the_faster(tiny_model_dir, tmp_path):
     model, tokenizer, space, candidates = population(tiny_model_dir)
     engine = HFEngine(model, tokenizer, space, max_new_tokens=NEW_TOKENS, batch_rows=256)
+    assert engine.drafts and not engine.drafts_first, "measured slower on CPUs: drafted only when tried"
     evaluator, work = length_evaluator(engine, tokenizer, tmp_path)
+    retry = evaluation_module.RETRY
+    assert evaluator.drafts() is False, "on a CPU the first population is undrafted"
+    evaluator.pace[False] = 100.0  # as its evaluation would time it
+    assert [evaluator.drafts() for _ in range(2 * retry)].count(True) == 2, "then a drafted one every RETRY-th"
+    evaluator.pace = {}  # as on a GPU (`drafts_first`): each way timed once, drafted first
     drafted = [bool(evaluator.evaluate(candidates.numpy(), work, draft=len(candidates) - 1).extra)
                for _ in range(2)]
     assert drafted == [True, False] and set(evaluator.pace) == {True, False}
     evaluator.pace = {True: 2.0, False: 1.0}  # drafting measured faster: kept, undrafted tried every RETRY-th time
-    choices = [evaluator.drafts() for _ in range(2 * evaluation_module.RETRY)]
-    assert choices.count(False) == 2 and choices[evaluation_module.RETRY - 1] is False
-    evaluator.pace = {True: 1.0, False: 2.0}
-    choices = [evaluator.drafts() for _ in range(2 * evaluation_module.RETRY)]
-    assert choices.count(True) == 2
+    evaluator.choices = 0
+    choices = [evaluator.drafts() for _ in range(2 * retry)]
+    assert choices.count(False) == 2 and choices[retry - 1] is False
     evaluator.close()

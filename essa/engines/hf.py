@@ -183,14 +183,13 @@ class HFEngine:
     at `temperature` > 0 from a generator seeded with `seed` (the warm start's best-of-k samples).
     `dense_4bit`: 4-bit CPU layers multiply through a bf16 copy of their dequantized weight
     (essa/engines/dense4bit.py); False keeps bitsandbytes' kernel. `time_terms`: each chunk's phases
-    hold `seconds_lora_terms`, the time spent in the per-row low-rank terms (benchmarks). `speculative`:
-    greedy rows given a draft of their completion verify it in one pass (essa/engines/draft.py), where
-    the model allows it (`drafts`)."""
+    hold `seconds_lora_terms`, the time spent in the per-row low-rank terms (benchmarks). `drafts`:
+    greedy rows given a draft of their completion can verify it in one pass (essa/engines/draft.py);
+    `drafts_first`: before that is measured, it is expected to pay."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space: SVDSpace,
                  max_new_tokens: int, batch_rows: int, batch_tokens: int = Chunking.tokens,
-                 temperature: float = 0.0, seed: int = 0, dense_4bit: bool = True, time_terms: bool = False,
-                 speculative: bool = True) -> None:
+                 temperature: float = 0.0, seed: int = 0, dense_4bit: bool = True, time_terms: bool = False) -> None:
         self.model, self.tokenizer, self.space = model, tokenizer, space
         self.max_new_tokens = max_new_tokens
         self.plan = Chunking(batch_rows, True, batch_tokens, max_new_tokens)
@@ -202,7 +201,9 @@ class HFEngine:
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.lora.device)
         self.temperature = temperature
         self.generator = torch.Generator(self.lora.device).manual_seed(seed) if temperature else None
-        self.drafts = speculative and not temperature and can_draft(model.config)
+        self.drafts = not temperature and can_draft(model.config)
+        # measured slower than undrafted on CPUs (benchmarks/drafted-members/), expected faster on GPUs
+        self.drafts_first = self.drafts and self.lora.device.type != "cpu"
 
     def chunking(self, n_prompts: int) -> Chunking:
         return self.plan

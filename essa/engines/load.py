@@ -34,7 +34,7 @@ def engine_for(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, space
                temperature: float = 0.0, seed: int = 0) -> HFEngine:
     """The HF engine as a recipe's `[generation]` section sets it up."""
     return HFEngine(model, tokenizer, space, gen.max_new_tokens, gen.batch_rows, gen.batch_tokens, temperature, seed,
-                    gen.dense_4bit, speculative=gen.speculative)
+                    gen.dense_4bit)
 
 
 def hf_engine(recipe: Recipe, run_dir: Path) -> tuple[HFEngine, PreTrainedTokenizerBase]:

@@ -104,7 +104,8 @@ class Engine(Protocol):
     drafts of the rows' completions where it `drafts` (essa/engines/draft.py)."""
 
     space: SVDSpace
-    drafts: bool
+    drafts: bool        # can verify drafts of its rows' completions
+    drafts_first: bool  # and is expected to gain by it before that is measured
 
     def chunking(self, n_prompts: int) -> Chunking: ...
 

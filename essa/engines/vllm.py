@@ -59,7 +59,7 @@ class VLLMEngine:
     """Evaluate populations as hot-swapped LoRA adapters in one vLLM `generate` per chunk. It does not
     draft members from the center (vLLM's speculative decoding takes a separate draft model)."""
 
-    drafts = False
+    drafts = drafts_first = False
 
     def __init__(self, source: str, space: SVDSpace, max_new_tokens: int,
                  dtype: torch.dtype, quantization: str, max_loras: int, memory: dict, max_model_len: int,
