@@ -60,6 +60,8 @@ def curves(records: Path, recipe: Path) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     for path in sorted(records.glob("*/seed-*.json")):
         record = json.loads(path.read_text())
+        if "rows" not in record:  # scripts/compare_grpo.py's records (grpo/) hold curves of their own
+            continue
         summary, rows = record["summary"], record["rows"]
         warm = summary.get("warm_start", {})
         if warm.get("rounds"):

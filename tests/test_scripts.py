@@ -348,3 +348,7 @@ def test_search_study_runs_expert_iteration_at_the_budget_and_draws_its_curve(ti
     assert report["summary"]["ei"]["own_part"] == [own]
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert script("search_study").main(argv)["curves"] == report["curves"]  # a rerun reuses the record
+    # compare_grpo.py's records beside them (records/grpo/) are its own format: left to it
+    (records / "grpo").mkdir()
+    (records / "grpo" / "seed-0.json").write_text(json.dumps({"summary": {}, "seeds": {}}))
+    assert set(script("search_study").main(argv)["curves"]) == {"ei"}
