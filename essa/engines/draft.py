@@ -23,7 +23,8 @@ format-instruction prompts gave back their own tokens in all 32 rows; where a te
 random model's), its rows take fewer tokens from the draft, never other ones.
 
 The draft pass costs about a prefill of the draft's length, and a row gains the decode steps of the
-tokens it accepts; the caller measures acceptance and stops drafting where it does not pay.
+tokens it accepts; whether that pays depends on the hardware, so the evaluator times drafted and
+undrafted populations and keeps the faster (essa/evaluation.py, `generation.speculative`).
 """
 
 from __future__ import annotations
