@@ -21,6 +21,7 @@ class Plan:
     population: int
     prompts_per_iteration: int
     rows_per_iteration: int
+    rows_per_call: int
     weights_gb: float
     kv_cache_gb: float
 
@@ -47,12 +48,12 @@ def plan(recipe: Recipe, device_type: str = "cuda", prompt_tokens: int = 256) ->
     total = sum(p.numel() for p in model.parameters())
     per_weight = BYTES_PER_WEIGHT[recipe.model.quantization] or DTYPE_BYTES[dtype]
     weights = linear * per_weight + (total - linear) * DTYPE_BYTES[dtype]
-    rows = (recipe.strategy.population + 1) * recipe.data.prompts_per_iteration  # the members and their center
-    rows = min(rows, recipe.generation.batch_rows)
+    rows_per_iteration = (recipe.strategy.population + 1) * recipe.data.prompts_per_iteration  # members + center
+    rows = min(rows_per_iteration, recipe.generation.batch_rows)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     tokens = prompt_tokens + recipe.generation.max_new_tokens
     cached = min(rows * tokens, max(recipe.generation.batch_tokens, tokens))  # a chunk's budget, one row at least
     kv = cached * config.num_hidden_layers * 2 * kv_heads * head_dim * DTYPE_BYTES[dtype]
     return Plan(len(targets), search_dim, recipe.strategy.population,
-                recipe.data.prompts_per_iteration, rows, weights / 2**30, kv / 2**30)
+                recipe.data.prompts_per_iteration, rows_per_iteration, rows, weights / 2**30, kv / 2**30)

@@ -114,7 +114,8 @@ def test_recipe_check_prints_the_plan_without_loading_weights(capsys):
     out = capsys.readouterr().out
     assert "quickstart.toml: valid" in out
     assert "search dimension: 960 (120 modules, 2 factors, trainable singular values)" in out
-    assert "population 8 × 8 prompts per iteration (72 rows per generate call, the center's included)" in out
+    assert ("population 16 × 48 prompts per iteration (816 rows, the center's included, in generate calls of up to "
+            "256)") in out
     assert "memory estimate" in out
 
 

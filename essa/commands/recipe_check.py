@@ -71,7 +71,7 @@ def describe(recipe: recipes.Recipe) -> None:
     searched = "every entry" if recipe.svd.space == "factors" else "trainable singular values"
     print(f"  search dimension: {p.search_dim} ({p.modules} modules, {factors}, {searched})")
     print(f"  population {p.population} × {p.prompts_per_iteration} prompts per iteration "
-          f"({p.rows_per_iteration} rows per generate call, the center's included)")
+          f"({p.rows_per_iteration} rows, the center's included, in generate calls of up to {p.rows_per_call})")
     strategy = recipe.strategy
     if strategy.name == "essam":
         from essa.strategies import candidates_per_iteration
